@@ -1,0 +1,269 @@
+/*
+ * layout.h -- every shared structure of a store, its layout, and the lock
+ * that protects it.  Nothing else defines shared memory layout.
+ *
+ * THE LOCK.  One robust, process-shared mutex (hdr->lock) protects every
+ * mutable field below, in every process.  There is no other shared lock,
+ * so there is no lock order to get wrong.  Work that needs no shared
+ * state (fingerprinting, copying bytes, mapping views, fallocate of pages
+ * the caller already owns) is done outside it.  When a process dies
+ * holding the lock, the next locker gets EOWNERDEAD and rebuilds every
+ * derived structure from the primary records (store.c: ds_rebuild).
+ *
+ * PRIMARY records (written carefully, validated on rebuild):
+ *   - client table entries
+ *   - heap chunks of kind OBJECT, BLOB, PENDING, HANDLE, FREE
+ * DERIVED (recomputed by ds_rebuild):
+ *   - page meta refcounts, the used/backed bitmaps' "used" half
+ *   - the three hash indexes (pages by content, blobs by content, keys)
+ *   - heap free lists, object/blob refcounts, all counters
+ *
+ * Index file layout (all offsets in the header, page aligned):
+ *   [header 4 KiB][clients][page meta][page buckets][used bm][backed bm]
+ *   [blob buckets][key buckets][heap]
+ * Regions that grow (page meta, buckets, heap) are backed with fallocate()
+ * before they are touched, so a full tmpfs is DS_EFULL, never SIGBUS.
+ */
+#ifndef DEDUPSHM_LAYOUT_H
+#define DEDUPSHM_LAYOUT_H
+
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include "dedupshm.h"
+
+#define DS_MAGIC   0x314d485350454444ULL   /* "DDEPSHM1" little endian */
+#define DS_FORMAT  1u
+#define DS_NIL     0xFFFFFFFFu             /* end of chain / no node */
+#define DS_UNHASHED 0xFFFFFFFEu            /* page meta: not in the content index */
+#define DS_ZERO    0xFFFFFFFFu             /* page list: an all-zero page */
+#define DS_MAX_CLIENTS 4096u
+#define DS_NCLASSES 120u
+#define DS_UNIT 16u                        /* heap offsets are in 16 B units */
+#define DS_TRANSIT_OWNER 0xFFFFFFFFu
+
+enum ds_state { DS_ST_EMPTY = 0, DS_ST_READY = 0x52454459u /* "READY" */ };
+
+/* ---- linear hash table header (one per index) -------------------------
+ * Buckets hold node ids (DS_NIL = empty); nodes chain through a 'next'
+ * field they own.  Grows one bucket at a time (Litwin's linear hashing),
+ * so the touched part of the bucket array is proportional to its entries.
+ * Protected by hdr->lock. */
+typedef struct ds_lhash {
+    uint32_t level;        /* 2^level buckets before splitting starts */
+    uint32_t split;        /* next bucket to split */
+    uint32_t count;        /* nodes in the table */
+    uint32_t max_buckets;  /* size of the bucket array */
+    uint64_t buckets_off;  /* byte offset of the bucket array in the index */
+    uint64_t backed;       /* bytes of the bucket array backed so far */
+} ds_lhash;
+
+/* ---- client table entry (one per attached process handle) -------------
+ * Written by the owning process at attach/close, by gc when reaping; all
+ * under hdr->lock.  pid == 0: free slot. */
+typedef struct ds_client {
+    uint32_t pid;
+    uint32_t pad;
+    uint64_t start_time;   /* /proc/PID/stat field 22: tells reused pids apart */
+    uint64_t handles;      /* references it holds (statistics only) */
+    uint64_t attach_ns;
+} ds_client;
+
+/* ---- page meta, one per pool page, array at hdr->pmeta_off -------------
+ * refcnt: references from sealed/pending objects' page lists (+ merged
+ *         mappings later).  0 = free.
+ * fp:     low 32 bits of the salted content fingerprint (valid when hashed)
+ * next:   chain in the content index; DS_UNHASHED while the page is
+ *         private to a writer (being filled, or DS_NODEDUP).
+ * All fields under hdr->lock.  A page with next != DS_UNHASHED is
+ * immutable while refcnt > 0. */
+typedef struct ds_pmeta {
+    uint32_t fp;
+    uint32_t refcnt;
+    uint32_t next;
+} ds_pmeta;
+
+/* ---- heap chunks --------------------------------------------------------
+ * The heap is a bump region carved into chunks whose size comes from a
+ * fixed class table (heap.c); chunks are never split or merged, and
+ * freed ones go to the free list of their class.  Chunk ids are byte
+ * offsets from heap start / 16 (0 is reserved: "none").  Walking the heap
+ * from unit 1 by class size visits every chunk: that is what rebuild and
+ * gc do.  Every field of every chunk is under hdr->lock, except that the
+ * body of a SEALED object's blob is immutable and may be read without the
+ * lock by a process holding a reference to the object. */
+enum ds_kind {
+    DS_K_FREE = 0xA1, DS_K_OBJECT = 0xB1, DS_K_BLOB = 0xB2,
+    DS_K_HANDLE = 0xB3, DS_K_PENDING = 0xB4,
+};
+
+typedef struct ds_chunk {
+    uint8_t kind;
+    uint8_t cls;           /* size class */
+    uint16_t flags;
+    uint32_t refcnt;       /* OBJECT: handles + key binding; BLOB: objects */
+    uint32_t next;         /* hash chain (OBJECT: keys, BLOB: blobs) or free list */
+    uint32_t fp;           /* hash of key (OBJECT) or content (BLOB) */
+} ds_chunk;
+
+/* OBJECT chunk: one stored value. */
+enum { DS_OBJ_CREATED = 1, DS_OBJ_SEALED = 2 };
+enum { DS_OF_KEYED = 1, DS_OF_DELETED = 2 };
+typedef struct ds_object {
+    ds_chunk h;
+    uint64_t gen;          /* unique for the life of the store: refs carry it */
+    uint64_t size;         /* logical bytes of the data region */
+    uint32_t state;        /* CREATED (owner filling it) or SEALED */
+    uint32_t oflags;       /* DS_OF_* */
+    uint32_t owner;        /* client slot while CREATED */
+    uint32_t blob;         /* SEALED: BLOB chunk; CREATED: PENDING chunk or 0 */
+    uint32_t keylen;
+    uint32_t pad;
+    uint8_t key[];         /* keylen bytes */
+} ds_object;
+
+/* BLOB chunk: the immutable description (and, if small, the bytes) of a
+ * sealed value.  Small blobs are deduplicated by content (h.fp, blob
+ * index); large ones belong to one object and hold one page reference
+ * per non-zero page of their extents. */
+enum { DS_BF_SMALL = 1, DS_BF_HASHED = 2, DS_BF_NODEDUP = 4 };
+typedef struct ds_blob {
+    ds_chunk h;
+    uint64_t size;         /* data region bytes */
+    uint32_t desclen;
+    uint32_t nbufs;
+    uint32_t nextents;     /* large: number of (page, npages) runs */
+    uint32_t body;         /* bytes after this struct that the blob uses */
+    /* then: uint64_t bufs[2*nbufs]; desc[desclen]; pad to 16;
+     *       small: data[size] / large: uint32_t ext[2*nextents] */
+} ds_blob;
+
+/* PENDING chunk: the pages a CREATED object owns so far.  pages[i] is
+ * DS_ZERO until page i is acquired.  Lets gc/rebuild release them. */
+typedef struct ds_pending {
+    ds_chunk h;
+    uint64_t size;
+    uint32_t npages;
+    uint32_t pad;
+    uint32_t pages[];
+} ds_pending;
+
+/* HANDLE chunk: one reference to an object held by a client, or in
+ * flight inside a pickle (owner == DS_TRANSIT_OWNER). */
+typedef struct ds_handle {
+    ds_chunk h;
+    uint32_t obj;
+    uint32_t owner;
+    uint64_t gen;
+    uint64_t stamp;        /* transit: creation time (s); nonce in h.fp */
+} ds_handle;
+
+/* ---- the header at offset 0 of the index file ---------------------------
+ * Immutable after creation: magic .. heap_size.  Everything from 'lock'
+ * on is under hdr->lock. */
+typedef struct ds_header {
+    uint64_t magic;
+    uint32_t format;
+    uint32_t page_size;
+    uint64_t capacity;       /* bytes of object data allowed */
+    uint32_t cap_pages;      /* pool pages (pool file size / 4096) */
+    uint32_t max_clients;
+    uint64_t salt[2];        /* fingerprint salt, random per store */
+    uint8_t uuid[16];
+    uint64_t index_size;
+    uint64_t clients_off, pmeta_off, used_off, backed_off, heap_off, heap_size;
+    uint64_t warm_pages;     /* freed pages kept backed, at most */
+    uint32_t transit_ttl;    /* seconds */
+    uint32_t state;          /* DS_ST_READY once initialised */
+    uint8_t pad0[64];
+
+    pthread_mutex_t lock __attribute__((aligned(64)));
+
+    ds_lhash pages_ix;       /* content index of pool pages */
+    ds_lhash blobs_ix;       /* content index of small blobs */
+    ds_lhash keys_ix;        /* key -> object */
+    uint64_t pmeta_backed;   /* bytes of page meta backed */
+    uint64_t heap_top;       /* bump offset in units */
+    uint64_t heap_backed;    /* bytes of heap backed */
+    uint32_t free_head[DS_NCLASSES];
+    uint32_t alloc_hint;     /* lowest page that may be free */
+    uint32_t page_hwm;       /* 1 + highest page ever allocated */
+    uint64_t gen_seq;
+    uint32_t nonce_seq;
+    uint32_t transit;        /* transit handles outstanding */
+    /* counters (derived) */
+    uint64_t objects, keys, logical_bytes, pages_used, pages_shared,
+             pages_sharing, pages_zero, small_bytes, warm_free, handles,
+             meta_bytes, gc_runs, recoveries, reaped_clients;
+} ds_header;
+
+/* ---- the per-process handle (private memory) ---------------------------- */
+struct ds_store {
+    int index_fd, pool_fd;
+    uint8_t *ix;             /* index, read-write */
+    uint8_t *ix_ro;          /* index, read-only (small views) */
+    uint8_t *pool_rw;        /* pool, read-write (writers fill pages here) */
+    uint8_t *pool_ro;        /* pool, read-only (single-run views) */
+    uint64_t ix_len, pool_len;
+    ds_header *hdr;
+    uint32_t slot;           /* our client slot */
+    uint32_t pid;
+    uint64_t secret[8];      /* fingerprint lanes derived from salt */
+};
+
+/* ---- internal API (not part of the ABI) ---- */
+/* store.c */
+int  ds_lock(ds_store *s);            /* may rebuild after EOWNERDEAD */
+void ds_unlock(ds_store *s);
+int  ds_back(ds_store *s, uint64_t off, uint64_t len);  /* fallocate index */
+uint64_t ds_now_s(void);
+/* hash.c */
+void ds_hash_init(ds_store *s);
+uint64_t ds_hash_bytes(const ds_store *s, const void *p, uint64_t n);
+int  ds_page_is_zero(const void *p);
+/* heap.c */
+uint32_t ds_chunk_alloc(ds_store *s, uint64_t bytes, uint8_t kind);  /* 0 = full */
+void ds_chunk_free(ds_store *s, uint32_t id);
+uint64_t ds_class_bytes(unsigned cls);
+void ds_heap_rebuild_free(ds_store *s);
+typedef struct ds_lhops {
+    uint32_t *(*next)(ds_store *, uint32_t);
+    uint32_t (*hash)(ds_store *, uint32_t);
+} ds_lhops;
+int  ds_lh_insert(ds_store *s, ds_lhash *t, const ds_lhops *ops, uint32_t id);
+void ds_lh_remove(ds_store *s, ds_lhash *t, const ds_lhops *ops, uint32_t id);
+uint32_t ds_lh_first(ds_store *s, ds_lhash *t, uint32_t hash);
+void ds_lh_reset(ds_store *s, ds_lhash *t);
+extern const ds_lhops ds_pages_ops, ds_chunk_ops;
+/* pool.c */
+int  ds_pages_alloc(ds_store *s, uint32_t n, uint32_t *out);
+void ds_page_incref(ds_store *s, uint32_t page);
+void ds_page_decref(ds_store *s, uint32_t page);
+uint32_t ds_page_find(ds_store *s, uint64_t fp, const void *bytes);
+int  ds_page_publish(ds_store *s, uint32_t page, uint64_t fp);
+int  ds_pool_reserve(ds_store *s, const uint32_t *pages, uint32_t n);
+void ds_page_free_raw(ds_store *s, uint32_t page);
+int  ds_pmeta_ensure(ds_store *s, uint32_t page);
+/* object.c */
+void ds_object_free(ds_store *s, uint32_t id);
+void ds_object_decref(ds_store *s, uint32_t id);
+
+/* address helpers */
+#define DS_HDR(s)        ((s)->hdr)
+#define DS_CHUNK(s, id)  ((ds_chunk *)((s)->ix + (s)->hdr->heap_off + (uint64_t)(id) * DS_UNIT))
+#define DS_PMETA(s, pg)  (((ds_pmeta *)((s)->ix + (s)->hdr->pmeta_off)) + (pg))
+#define DS_CLIENT(s, i)  (((ds_client *)((s)->ix + (s)->hdr->clients_off)) + (i))
+#define DS_POOL_RO(s, pg) ((s)->pool_ro + (uint64_t)(pg) * DS_PAGE_SIZE)
+#define DS_POOL_RW(s, pg) ((s)->pool_rw + (uint64_t)(pg) * DS_PAGE_SIZE)
+
+static inline uint8_t *ds_blob_desc(ds_blob *b) {
+    return (uint8_t *)(b + 1) + 16u * b->nbufs;
+}
+static inline uint64_t *ds_blob_bufs(ds_blob *b) { return (uint64_t *)(b + 1); }
+static inline uint8_t *ds_blob_payload(ds_blob *b) {
+    uint64_t off = 16u * b->nbufs + b->desclen;
+    off = (off + 15u) & ~(uint64_t)15u;
+    return (uint8_t *)(b + 1) + off;
+}
+
+#endif

@@ -1,0 +1,158 @@
+/*
+ * pool.c -- the pool of physical pages: allocation, reference counts,
+ * the content index, backing and returning memory.
+ *
+ * Who may call: code holding hdr->lock, except ds_pool_reserve(), which
+ * runs without the lock on pages the caller has just allocated (their
+ * bits in the backed bitmap are changed with atomic operations, since
+ * other pages' bits share the word).
+ *
+ * A page is free when its "used" bit is clear.  Free pages are either
+ * still backed ("warm": already faulted in, cheap to reuse) or punched
+ * out of the tmpfs file; at most hdr->warm_pages stay warm.  A page is
+ * punched only when nothing references it: punching zeroes it under every
+ * mapping, so it must be unreachable first (DESIGN.md, traps).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include "layout.h"
+
+#define PMETA_BACK_STEP (1u << 20)
+
+static uint64_t *bm_used(ds_store *s) { return (uint64_t *)(s->ix + s->hdr->used_off); }
+static uint64_t *bm_backed(ds_store *s) { return (uint64_t *)(s->ix + s->hdr->backed_off); }
+
+static int bit_get(uint64_t *bm, uint32_t i) { return (int)((__atomic_load_n(&bm[i >> 6], __ATOMIC_RELAXED) >> (i & 63)) & 1); }
+static void bit_set(uint64_t *bm, uint32_t i) { __atomic_fetch_or(&bm[i >> 6], 1ULL << (i & 63), __ATOMIC_RELAXED); }
+static void bit_clr(uint64_t *bm, uint32_t i) { __atomic_fetch_and(&bm[i >> 6], ~(1ULL << (i & 63)), __ATOMIC_RELAXED); }
+
+int ds_pmeta_ensure(ds_store *s, uint32_t page) {
+    ds_header *h = s->hdr;
+    uint64_t need = ((uint64_t)page + 1) * sizeof(ds_pmeta);
+    if (need <= h->pmeta_backed) return 0;
+    uint64_t want = (need + PMETA_BACK_STEP - 1) & ~(uint64_t)(PMETA_BACK_STEP - 1);
+    uint64_t max = ((uint64_t)h->cap_pages * sizeof(ds_pmeta) + 4095) & ~4095ULL;
+    if (want > max) want = max;
+    if (ds_back(s, h->pmeta_off + h->pmeta_backed, want - h->pmeta_backed) != 0)
+        return DS_EFULL;
+    h->pmeta_backed = want;
+    return 0;
+}
+
+/* Allocate n free pages, lowest first (keeps the files and the page meta
+ * compact).  Each gets refcnt 1 and is private (DS_UNHASHED).  Counts
+ * against capacity.  Returns 0 or DS_EFULL with nothing changed. */
+int ds_pages_alloc(ds_store *s, uint32_t n, uint32_t *out) {
+    ds_header *h = s->hdr;
+    if (n == 0) return 0;
+    if ((h->pages_used + n) * DS_PAGE_SIZE + h->small_bytes > h->capacity ||
+        h->pages_used + n > h->cap_pages)
+        return DS_EFULL;
+    uint64_t *used = bm_used(s);
+    uint32_t got = 0, pg = h->alloc_hint;
+    uint32_t words = (h->cap_pages + 63) / 64;
+    for (uint32_t w = pg >> 6; w < words && got < n; w++) {
+        uint64_t v = used[w];
+        if (v == ~0ULL) continue;
+        for (uint32_t b = (w == (pg >> 6)) ? (pg & 63) : 0; b < 64 && got < n; b++) {
+            uint32_t p = w * 64 + b;
+            if (p >= h->cap_pages) break;
+            if (!((v >> b) & 1)) out[got++] = p;
+        }
+    }
+    if (got < n) return DS_EFULL;  /* cannot happen if counters are right */
+    if (ds_pmeta_ensure(s, out[n - 1]) != 0) return DS_EFULL;
+    uint64_t *backed = bm_backed(s);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t p = out[i];
+        bit_set(used, p);
+        if (bit_get(backed, p) && h->warm_free) h->warm_free--;
+        ds_pmeta *m = DS_PMETA(s, p);
+        m->refcnt = 1;
+        m->next = DS_UNHASHED;
+        m->fp = 0;
+    }
+    h->pages_used += n;
+    h->alloc_hint = out[n - 1] + 1;
+    if (out[n - 1] + 1 > h->page_hwm) h->page_hwm = out[n - 1] + 1;
+    return 0;
+}
+
+/* Back the given (freshly allocated) pages in the pool file.  No lock.
+ * Returns 0 or DS_EFULL (tmpfs full). */
+int ds_pool_reserve(ds_store *s, const uint32_t *pages, uint32_t n) {
+    uint64_t *backed = bm_backed(s);
+    uint32_t i = 0;
+    while (i < n) {
+        if (pages[i] == DS_ZERO || bit_get(backed, pages[i])) { i++; continue; }
+        uint32_t j = i + 1;
+        while (j < n && pages[j] == pages[j - 1] + 1 && !bit_get(backed, pages[j])) j++;
+        if (fallocate(s->pool_fd, 0, (off_t)pages[i] * DS_PAGE_SIZE,
+                      (off_t)(j - i) * DS_PAGE_SIZE) != 0)
+            return errno == ENOSPC ? DS_EFULL : errno;
+        for (uint32_t k = i; k < j; k++) bit_set(backed, pages[k]);
+        i = j;
+    }
+    return 0;
+}
+
+void ds_page_incref(ds_store *s, uint32_t page) {
+    ds_header *h = s->hdr;
+    ds_pmeta *m = DS_PMETA(s, page);
+    if (m->refcnt == 1) h->pages_shared++;
+    if (m->refcnt >= 1) h->pages_sharing++;
+    m->refcnt++;
+}
+
+/* The page's last reference is gone: unindex it, free it, keep it warm or
+ * return its memory. */
+void ds_page_free_raw(ds_store *s, uint32_t page) {
+    ds_header *h = s->hdr;
+    ds_pmeta *m = DS_PMETA(s, page);
+    if (m->next != DS_UNHASHED) ds_lh_remove(s, &h->pages_ix, &ds_pages_ops, page);
+    m->next = DS_UNHASHED;
+    m->refcnt = 0;
+    bit_clr(bm_used(s), page);
+    h->pages_used--;
+    if (!bit_get(bm_backed(s), page)) {
+        /* never backed: nothing to return */
+    } else if (h->warm_free < h->warm_pages) {
+        h->warm_free++;
+    } else {
+        fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)page * DS_PAGE_SIZE, DS_PAGE_SIZE);
+        bit_clr(bm_backed(s), page);
+    }
+    if (page < h->alloc_hint) h->alloc_hint = page;
+}
+
+void ds_page_decref(ds_store *s, uint32_t page) {
+    ds_header *h = s->hdr;
+    ds_pmeta *m = DS_PMETA(s, page);
+    if (m->refcnt == 0) return;            /* never under zero */
+    if (m->refcnt == 2) h->pages_shared--;
+    if (m->refcnt >= 2) h->pages_sharing--;
+    if (--m->refcnt == 0) ds_page_free_raw(s, page);
+}
+
+/* Find a published page with these exact bytes; DS_NIL if none. */
+uint32_t ds_page_find(ds_store *s, uint64_t fp, const void *bytes) {
+    uint32_t fp32 = (uint32_t)fp;
+    for (uint32_t p = ds_lh_first(s, &s->hdr->pages_ix, fp32); p != DS_NIL;
+         p = DS_PMETA(s, p)->next) {
+        ds_pmeta *m = DS_PMETA(s, p);
+        if (m->fp == fp32 && m->refcnt > 0 &&
+            memcmp(DS_POOL_RO(s, p), bytes, DS_PAGE_SIZE) == 0)
+            return p;
+    }
+    return DS_NIL;
+}
+
+/* Make a filled private page shareable: it is immutable from now on. */
+int ds_page_publish(ds_store *s, uint32_t page, uint64_t fp) {
+    ds_pmeta *m = DS_PMETA(s, page);
+    m->fp = (uint32_t)fp;
+    return ds_lh_insert(s, &s->hdr->pages_ix, &ds_pages_ops, page);
+}

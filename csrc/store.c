@@ -1,0 +1,614 @@
+/*
+ * store.c -- opening and creating stores, the lock, clients, garbage
+ * collection of what dead processes left, crash recovery, statistics.
+ *
+ * Who may call: ds_open/ds_close/ds_gc/ds_stats_get/ds_clients/
+ * ds_after_fork are public and take hdr->lock themselves.  ds_rebuild
+ * runs with the lock held, right after a locker got EOWNERDEAD.
+ *
+ * Creation is serialised with flock(LOCK_EX) on the index file; attachers
+ * take LOCK_SH, so they see either no store or a fully initialised one.
+ * A creator that dies half way leaves state != READY, and the next
+ * creator initialises the file again.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include "layout.h"
+
+#define PAGE_ROUND(x) (((x) + 4095ull) & ~4095ull)
+#define HEAP_MAX (0xFFFFFFF0ull * DS_UNIT)
+
+uint64_t ds_now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec;
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+const char *ds_strerror(int rc) {
+    switch (rc) {
+    case 0: return "success";
+    case DS_ENOTFOUND: return "no such object";
+    case DS_EFULL: return "store is full";
+    case DS_ECORRUPT: return "store metadata is corrupt";
+    case DS_EVERSION: return "store was made by an incompatible version";
+    case DS_ELIMIT: return "a fixed table of the store is full";
+    case DS_EINVAL: return "invalid argument";
+    case DS_ESTATE: return "object is in the wrong state for this call";
+    default: return rc > 0 ? strerror(rc) : "unknown error";
+    }
+}
+
+int ds_back(ds_store *s, uint64_t off, uint64_t len) {
+    if (len == 0) return 0;
+    if (fallocate(s->index_fd, 0, (off_t)off, (off_t)len) != 0)
+        return errno == ENOSPC ? DS_EFULL : errno;
+    return 0;
+}
+
+/* Visit every chunk of the heap (lock held).  'continue' is allowed. */
+#define FOR_CHUNKS(s, id, c)                                                   \
+    for (uint64_t id = 1, _n = 0; id < (s)->hdr->heap_top;                    \
+         id = _n > id ? _n : (s)->hdr->heap_top)                               \
+        for (ds_chunk *c = DS_CHUNK(s, id);                                    \
+             c && (_n = id + ds_class_bytes(c->cls) / DS_UNIT) > id; c = NULL)
+
+/* ---- clients ---- */
+
+static uint64_t proc_start_time(uint32_t pid) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p) return 0;
+    /* after ") " come fields 3.. ; starttime is field 22 */
+    int field = 2;
+    for (p++; *p && field < 22; p++)
+        if (*p == ' ') field++;
+    return strtoull(p, NULL, 10);
+}
+
+static int client_alive(const ds_client *c) {
+    if (c->pid == 0) return 0;
+    if (kill((pid_t)c->pid, 0) != 0 && errno == ESRCH) return 0;
+    uint64_t st = proc_start_time(c->pid);
+    return st != 0 && st == c->start_time;
+}
+
+static int client_register(ds_store *s) {
+    ds_header *h = s->hdr;
+    uint64_t st = proc_start_time(s->pid);
+    for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t i = 0; i < h->max_clients; i++) {
+            ds_client *c = DS_CLIENT(s, i);
+            if (c->pid == 0) {
+                c->start_time = st;
+                c->handles = 0;
+                c->attach_ns = now_ns();
+                c->pid = s->pid;
+                s->slot = i;
+                return 0;
+            }
+        }
+        ds_gcinfo gi;
+        ds_unlock(s);
+        ds_gc(s, &gi);
+        int rc = ds_lock(s);
+        if (rc) return rc;
+    }
+    return DS_ELIMIT;
+}
+
+/* ---- the lock ---- */
+
+static void ds_rebuild(ds_store *s);
+
+int ds_lock(ds_store *s) {
+    int rc = pthread_mutex_lock(&s->hdr->lock);
+    if (rc == EOWNERDEAD) {
+        ds_rebuild(s);
+        s->hdr->recoveries++;
+        pthread_mutex_consistent(&s->hdr->lock);
+        return 0;
+    }
+    if (rc == ENOTRECOVERABLE) return DS_ECORRUPT;
+    return rc;
+}
+
+void ds_unlock(ds_store *s) { pthread_mutex_unlock(&s->hdr->lock); }
+
+/* ---- open / create ---- */
+
+static int init_store(ds_store *s, uint64_t capacity, uint64_t warm_bytes,
+                      uint32_t ttl, const char *pool_path) {
+    uint64_t cap_pages = (capacity + DS_PAGE_SIZE - 1) / DS_PAGE_SIZE;
+    if (cap_pages == 0 || cap_pages > 0xFFFFFFF0ull) return DS_EINVAL;
+    uint64_t pbuckets = 256;
+    while (pbuckets < cap_pages / 2) pbuckets <<= 1;
+    uint64_t heap = PAGE_ROUND(capacity + (64ull << 20));
+    if (heap > HEAP_MAX) heap = HEAP_MAX & ~4095ull;
+    uint64_t xbuckets = 1024;
+    while (xbuckets < heap / 256 && xbuckets < (1ull << 31)) xbuckets <<= 1;
+
+    uint64_t off = 4096;
+    uint64_t clients_off = off;  off += PAGE_ROUND(DS_MAX_CLIENTS * sizeof(ds_client));
+    uint64_t pmeta_off = off;    off += PAGE_ROUND(cap_pages * sizeof(ds_pmeta));
+    uint64_t pbk_off = off;      off += PAGE_ROUND(pbuckets * 4);
+    uint64_t used_off = off;     off += PAGE_ROUND((cap_pages + 63) / 64 * 8);
+    uint64_t backed_off = off;   off += PAGE_ROUND((cap_pages + 63) / 64 * 8);
+    uint64_t bbk_off = off;      off += PAGE_ROUND(xbuckets * 4);
+    uint64_t kbk_off = off;      off += PAGE_ROUND(xbuckets * 4);
+    uint64_t heap_off = off;     off += heap;
+
+    if (ftruncate(s->index_fd, (off_t)off) != 0) return errno;
+    /* back the fixed part now: header, clients, bitmaps */
+    if (fallocate(s->index_fd, 0, 0, (off_t)pmeta_off) != 0 ||
+        fallocate(s->index_fd, 0, (off_t)used_off, (off_t)(bbk_off - used_off)) != 0)
+        return errno == ENOSPC ? DS_EFULL : errno;
+
+    int pfd = open(pool_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (pfd < 0) return errno;
+    fchmod(pfd, 0600);
+    if (ftruncate(pfd, (off_t)(cap_pages * DS_PAGE_SIZE)) != 0) {
+        int e = errno;
+        close(pfd);
+        return e;
+    }
+    s->pool_fd = pfd;
+    s->ix_len = off;
+
+    void *ix = mmap(NULL, off, PROT_READ | PROT_WRITE, MAP_SHARED, s->index_fd, 0);
+    if (ix == MAP_FAILED) return errno;
+    s->ix = ix;
+    ds_header *h = s->hdr = (ds_header *)ix;
+    memset(h, 0, sizeof *h);
+    h->format = DS_FORMAT;
+    h->page_size = DS_PAGE_SIZE;
+    h->capacity = cap_pages * DS_PAGE_SIZE < capacity ? cap_pages * DS_PAGE_SIZE : capacity;
+    h->cap_pages = (uint32_t)cap_pages;
+    h->max_clients = DS_MAX_CLIENTS;
+    if (getrandom(h->salt, sizeof h->salt, 0) != sizeof h->salt ||
+        getrandom(h->uuid, sizeof h->uuid, 0) != sizeof h->uuid)
+        return errno ? errno : EIO;
+    h->index_size = off;
+    h->clients_off = clients_off;
+    h->pmeta_off = pmeta_off;
+    h->used_off = used_off;
+    h->backed_off = backed_off;
+    h->heap_off = heap_off;
+    h->heap_size = heap;
+    h->warm_pages = warm_bytes / DS_PAGE_SIZE;
+    h->transit_ttl = ttl;
+    h->heap_top = 1;
+    h->gen_seq = 1;
+
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&h->lock, &a);
+    pthread_mutexattr_destroy(&a);
+
+    ds_lhash *ts[3] = {&h->pages_ix, &h->blobs_ix, &h->keys_ix};
+    uint64_t offs[3] = {pbk_off, bbk_off, kbk_off};
+    uint64_t maxb[3] = {pbuckets, xbuckets, xbuckets};
+    for (int i = 0; i < 3; i++) {
+        ts[i]->buckets_off = offs[i];
+        ts[i]->max_buckets = (uint32_t)maxb[i];
+        ts[i]->backed = 0;
+        ds_lh_reset(s, ts[i]);
+        if (ts[i]->backed == 0) return DS_EFULL;
+    }
+    __atomic_store_n(&h->magic, DS_MAGIC, __ATOMIC_RELEASE);
+    __atomic_store_n(&h->state, DS_ST_READY, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Check the immutable header against the file before trusting it. */
+static int validate_header(const ds_header *h, uint64_t file_size) {
+    if (h->magic != DS_MAGIC) return DS_ECORRUPT;
+    if (h->format != DS_FORMAT || h->page_size != DS_PAGE_SIZE) return DS_EVERSION;
+    if (h->state != DS_ST_READY) return DS_ECORRUPT;
+    if (h->index_size != file_size || h->cap_pages == 0 ||
+        h->max_clients != DS_MAX_CLIENTS) return DS_ECORRUPT;
+    uint64_t offs[] = {h->clients_off, h->pmeta_off, h->used_off, h->backed_off, h->heap_off};
+    uint64_t prev = 4096;
+    for (unsigned i = 0; i < sizeof offs / sizeof offs[0]; i++) {
+        if (offs[i] < prev || offs[i] >= file_size || (offs[i] & 4095)) return DS_ECORRUPT;
+        prev = offs[i];
+    }
+    if (h->pmeta_off + (uint64_t)h->cap_pages * sizeof(ds_pmeta) > h->used_off) return DS_ECORRUPT;
+    if (h->heap_off + h->heap_size > file_size) return DS_ECORRUPT;
+    const ds_lhash *ts[3] = {&h->pages_ix, &h->blobs_ix, &h->keys_ix};
+    for (int i = 0; i < 3; i++)
+        if (ts[i]->buckets_off + (uint64_t)ts[i]->max_buckets * 4 > file_size ||
+            ts[i]->buckets_off < h->pmeta_off || ts[i]->backed > (uint64_t)ts[i]->max_buckets * 4 ||
+            ts[i]->level > 31)
+            return DS_ECORRUPT;
+    if (h->heap_top * DS_UNIT > h->heap_size || h->page_hwm > h->cap_pages) return DS_ECORRUPT;
+    return 0;
+}
+
+static void unmap_all(ds_store *s) {
+    if (s->ix) munmap(s->ix, s->ix_len);
+    if (s->ix_ro) munmap(s->ix_ro, s->ix_len);
+    if (s->pool_rw) munmap(s->pool_rw, s->pool_len);
+    if (s->pool_ro) munmap(s->pool_ro, s->pool_len);
+    if (s->index_fd >= 0) close(s->index_fd);
+    if (s->pool_fd >= 0) close(s->pool_fd);
+}
+
+int ds_open(const char *index_path, const char *pool_path, int create,
+            uint64_t capacity, uint64_t warm_bytes, uint32_t transit_ttl,
+            ds_store **out) {
+    int rc = 0;
+    ds_store *s = calloc(1, sizeof *s);
+    if (!s) return ENOMEM;
+    s->index_fd = s->pool_fd = -1;
+    s->pid = (uint32_t)getpid();
+
+    int flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0);
+    s->index_fd = open(index_path, flags, 0600);
+    if (s->index_fd < 0) { rc = errno; goto fail; }
+    struct stat st;
+    if (flock(s->index_fd, create ? LOCK_EX : LOCK_SH) != 0) { rc = errno; goto fail; }
+    if (fstat(s->index_fd, &st) != 0) { rc = errno; goto fail_unlock; }
+    if (create) {
+        fchmod(s->index_fd, 0600);
+        int fresh = (uint64_t)st.st_size < sizeof(ds_header);
+        if (!fresh) {
+            ds_header probe;
+            if (pread(s->index_fd, &probe, sizeof probe, 0) != (ssize_t)sizeof probe) { rc = EIO; goto fail_unlock; }
+            fresh = probe.magic != DS_MAGIC || probe.state != DS_ST_READY;
+        }
+        if (fresh) {
+            if (ftruncate(s->index_fd, 0) != 0) { rc = errno; goto fail_unlock; }
+            rc = init_store(s, capacity, warm_bytes, transit_ttl, pool_path);
+            if (rc) { ftruncate(s->index_fd, 0); goto fail_unlock; }
+            munmap(s->ix, s->ix_len);
+            s->ix = NULL;
+            close(s->pool_fd);
+            s->pool_fd = -1;
+            if (fstat(s->index_fd, &st) != 0) { rc = errno; goto fail_unlock; }
+        }
+    } else if ((uint64_t)st.st_size < sizeof(ds_header)) {
+        rc = ENOENT;   /* a creator died before initialising: no store here */
+        goto fail_unlock;
+    }
+    flock(s->index_fd, LOCK_UN);
+
+    s->ix_len = (uint64_t)st.st_size;
+    s->ix = mmap(NULL, s->ix_len, PROT_READ | PROT_WRITE, MAP_SHARED, s->index_fd, 0);
+    if (s->ix == MAP_FAILED) { s->ix = NULL; rc = errno; goto fail; }
+    s->hdr = (ds_header *)s->ix;
+    rc = validate_header(s->hdr, s->ix_len);
+    if (rc) goto fail;
+    s->ix_ro = mmap(NULL, s->ix_len, PROT_READ, MAP_SHARED, s->index_fd, 0);
+    if (s->ix_ro == MAP_FAILED) { s->ix_ro = NULL; rc = errno; goto fail; }
+
+    s->pool_fd = open(pool_path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (s->pool_fd < 0) { rc = errno == ENOENT ? DS_ECORRUPT : errno; goto fail; }
+    if (fstat(s->pool_fd, &st) != 0) { rc = errno; goto fail; }
+    s->pool_len = (uint64_t)s->hdr->cap_pages * DS_PAGE_SIZE;
+    if ((uint64_t)st.st_size != s->pool_len) { rc = DS_ECORRUPT; goto fail; }
+    s->pool_rw = mmap(NULL, s->pool_len, PROT_READ | PROT_WRITE, MAP_SHARED, s->pool_fd, 0);
+    if (s->pool_rw == MAP_FAILED) { s->pool_rw = NULL; rc = errno; goto fail; }
+    s->pool_ro = mmap(NULL, s->pool_len, PROT_READ, MAP_SHARED, s->pool_fd, 0);
+    if (s->pool_ro == MAP_FAILED) { s->pool_ro = NULL; rc = errno; goto fail; }
+
+    ds_hash_init(s);
+    rc = ds_lock(s);
+    if (rc) goto fail;
+    rc = client_register(s);
+    ds_unlock(s);
+    if (rc) goto fail;
+    *out = s;
+    return 0;
+
+fail_unlock:
+    flock(s->index_fd, LOCK_UN);
+fail:
+    unmap_all(s);
+    free(s);
+    return rc;
+}
+
+void ds_uuid(ds_store *s, uint8_t out[16]) { memcpy(out, s->hdr->uuid, 16); }
+
+/* Release every handle owned by 'slot' and every object it was still
+ * creating.  Lock held.  Returns the number of handles released. */
+static uint32_t release_client(ds_store *s, uint32_t slot, uint32_t *objs) {
+    ds_header *h = s->hdr;
+    uint32_t n = 0, o = 0;
+    FOR_CHUNKS(s, id, c) {
+        if (c->kind == DS_K_HANDLE && ((ds_handle *)c)->owner == slot) {
+            uint32_t obj = ((ds_handle *)c)->obj;
+            ds_chunk_free(s, (uint32_t)id);
+            h->handles--;
+            ds_object_decref(s, obj);
+            n++;
+        } else if (c->kind == DS_K_OBJECT && ((ds_object *)c)->state == DS_OBJ_CREATED &&
+                   ((ds_object *)c)->owner == slot) {
+            ds_object_free(s, (uint32_t)id);
+            o++;
+        }
+    }
+    if (objs) *objs += o;
+    return n;
+}
+
+void ds_close(ds_store *s) {
+    if (!s) return;
+    if (s->pid == (uint32_t)getpid() && ds_lock(s) == 0) {
+        ds_client *c = DS_CLIENT(s, s->slot);
+        if (c->pid == s->pid) {
+            release_client(s, s->slot, NULL);
+            c->pid = 0;
+        }
+        ds_unlock(s);
+    }
+    unmap_all(s);
+    free(s);
+}
+
+int ds_after_fork(ds_store *s) {
+    s->pid = (uint32_t)getpid();
+    int rc = ds_lock(s);
+    if (rc) return rc;
+    rc = client_register(s);
+    ds_unlock(s);
+    return rc;
+}
+
+/* ---- gc ---- */
+
+int ds_gc(ds_store *s, ds_gcinfo *out) {
+    ds_header *h = s->hdr;
+    memset(out, 0, sizeof *out);
+    int rc = ds_lock(s);
+    if (rc) return rc;
+    for (uint32_t i = 0; i < h->max_clients; i++) {
+        ds_client *c = DS_CLIENT(s, i);
+        if (c->pid == 0 || i == s->slot) continue;
+        if (!client_alive(c)) {
+            out->handles_released += release_client(s, i, &out->objects_reclaimed);
+            c->pid = 0;
+            out->dead_clients++;
+            h->reaped_clients++;
+        }
+    }
+    if (h->transit) {
+        uint64_t now = ds_now_s();
+        FOR_CHUNKS(s, id, c) {
+            ds_handle *hd = (ds_handle *)c;
+            if (c->kind == DS_K_HANDLE && hd->owner == DS_TRANSIT_OWNER &&
+                hd->stamp + h->transit_ttl <= now) {
+                uint32_t obj = hd->obj;
+                ds_chunk_free(s, (uint32_t)id);
+                h->handles--;
+                h->transit--;
+                ds_object_decref(s, obj);
+                out->transit_expired++;
+            }
+        }
+    }
+    h->gc_runs++;
+    ds_unlock(s);
+    return 0;
+}
+
+int ds_clients(ds_store *s, ds_clientinfo *out, uint32_t n, uint32_t *count) {
+    int rc = ds_lock(s);
+    if (rc) return rc;
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < s->hdr->max_clients && k < n; i++) {
+        ds_client *c = DS_CLIENT(s, i);
+        if (c->pid == 0) continue;
+        out[k].slot = i;
+        out[k].pid = c->pid;
+        out[k].handles = c->handles;
+        k++;
+    }
+    ds_unlock(s);
+    *count = k;
+    return 0;
+}
+
+int ds_stats_get(ds_store *s, ds_stats *o) {
+    ds_header *h = s->hdr;
+    int rc = ds_lock(s);
+    if (rc) return rc;
+    o->capacity = h->capacity;
+    o->objects = h->objects;
+    o->keys = h->keys;
+    o->logical_bytes = h->logical_bytes;
+    o->physical_bytes = h->pages_used * DS_PAGE_SIZE + h->small_bytes;
+    o->metadata_bytes = h->meta_bytes + (uint64_t)h->page_hwm * sizeof(ds_pmeta) +
+                        4ull * (h->pages_ix.count + h->blobs_ix.count + h->keys_ix.count) / 2;
+    o->pages_used = h->pages_used;
+    o->pages_shared = h->pages_shared;
+    o->pages_sharing = h->pages_sharing;
+    o->pages_zero = h->pages_zero;
+    o->pages_free_warm = h->warm_free;
+    o->small_bytes = h->small_bytes;
+    o->handles = h->handles;
+    o->gc_runs = h->gc_runs;
+    o->recoveries = h->recoveries;
+    o->reaped_clients = h->reaped_clients;
+    uint64_t nc = 0;
+    for (uint32_t i = 0; i < h->max_clients; i++)
+        if (DS_CLIENT(s, i)->pid) nc++;
+    o->clients = nc;
+    ds_unlock(s);
+    return 0;
+}
+
+/* ---- crash recovery ----
+ * The previous lock owner died inside a critical section.  Primary
+ * records (objects, blobs, pending lists, handles, clients) were written
+ * in an order that leaves each one either absent or complete; everything
+ * derived from them is recomputed here:
+ *  1. heap free lists (walk the heap);
+ *  2. object refcounts = handles + key binding; blob refcounts = objects;
+ *  3. page refcounts = references from live blobs and pending lists;
+ *     pages of dedup-allowed sealed blobs are (re)published by content;
+ *  4. the key index, the small-blob index, the free-page bitmap, counters;
+ *  5. orphans (unreferenced blobs, pending lists, dangling handles, sealed
+ *     objects nobody references) are freed.
+ */
+static int valid_chunk(ds_store *s, uint64_t id, uint8_t kind) {
+    return id >= 1 && id < s->hdr->heap_top && DS_CHUNK(s, id)->kind == kind &&
+           DS_CHUNK(s, id)->cls < DS_NCLASSES;
+}
+
+static void ds_rebuild(ds_store *s) {
+    ds_header *h = s->hdr;
+    ds_heap_rebuild_free(s);
+    uint64_t *used = (uint64_t *)(s->ix + h->used_off);
+    uint64_t *backed = (uint64_t *)(s->ix + h->backed_off);
+    uint32_t hwm = h->page_hwm;
+    for (uint32_t p = 0; p < hwm; p++) {
+        DS_PMETA(s, p)->refcnt = 0;
+        DS_PMETA(s, p)->next = DS_UNHASHED;
+    }
+    ds_lh_reset(s, &h->pages_ix);
+    ds_lh_reset(s, &h->blobs_ix);
+    ds_lh_reset(s, &h->keys_ix);
+    h->objects = h->keys = h->logical_bytes = h->small_bytes = h->handles = 0;
+    h->pages_used = h->pages_shared = h->pages_sharing = h->pages_zero = 0;
+    h->transit = 0;
+    for (uint32_t i = 0; i < h->max_clients; i++) DS_CLIENT(s, i)->handles = 0;
+
+    /* pass 0: zero chunk refcounts */
+    FOR_CHUNKS(s, id, c) { c->refcnt = 0; }
+    /* pass 1: handles and key bindings count on objects */
+    FOR_CHUNKS(s, id, c) {
+        if (c->kind == DS_K_HANDLE) {
+            ds_handle *hd = (ds_handle *)c;
+            ds_object *o = valid_chunk(s, hd->obj, DS_K_OBJECT) ? (ds_object *)DS_CHUNK(s, hd->obj) : NULL;
+            if (!o || o->gen != hd->gen || o->state != DS_OBJ_SEALED ||
+                (hd->owner != DS_TRANSIT_OWNER && hd->owner >= h->max_clients)) {
+                ds_chunk_free(s, (uint32_t)id);
+                continue;
+            }
+            o->h.refcnt++;
+            h->handles++;
+            if (hd->owner == DS_TRANSIT_OWNER) h->transit++;
+            else DS_CLIENT(s, hd->owner)->handles++;
+        } else if (c->kind == DS_K_OBJECT) {
+            ds_object *o = (ds_object *)c;
+            if (o->state == DS_OBJ_SEALED && (o->oflags & DS_OF_KEYED)) o->h.refcnt++;
+        }
+    }
+    /* pass 2: objects count on blobs / pending lists; keys are indexed */
+    FOR_CHUNKS(s, id, c) {
+        if (c->kind != DS_K_OBJECT) continue;
+        ds_object *o = (ds_object *)c;
+        if (o->state == DS_OBJ_SEALED && valid_chunk(s, o->blob, DS_K_BLOB)) {
+            DS_CHUNK(s, o->blob)->refcnt++;
+            h->objects++;
+            h->logical_bytes += o->size;
+            if (o->oflags & DS_OF_KEYED) {
+                /* a crash mid-replace may leave two bindings: keep the newer */
+                uint32_t other = DS_NIL;
+                for (uint32_t x = ds_lh_first(s, &h->keys_ix, o->h.fp); x != DS_NIL;
+                     x = DS_CHUNK(s, x)->next) {
+                    ds_object *ox = (ds_object *)DS_CHUNK(s, x);
+                    if (ox->keylen == o->keylen && memcmp(ox->key, o->key, o->keylen) == 0) { other = x; break; }
+                }
+                if (other != DS_NIL) {
+                    ds_object *ox = (ds_object *)DS_CHUNK(s, other);
+                    ds_object *loser = ox->gen < o->gen ? ox : o;
+                    if (loser == ox) { ds_lh_remove(s, &h->keys_ix, &ds_chunk_ops, other); h->keys--; }
+                    loser->oflags &= ~(uint32_t)DS_OF_KEYED;
+                    loser->h.refcnt--;
+                    if (loser == o) continue;
+                }
+                ds_lh_insert(s, &h->keys_ix, &ds_chunk_ops, (uint32_t)id);
+                h->keys++;
+            }
+        } else if (o->state == DS_OBJ_CREATED) {
+            if (o->blob && valid_chunk(s, o->blob, DS_K_PENDING)) DS_CHUNK(s, o->blob)->refcnt = 1;
+            else o->blob = 0;
+        } else {
+            o->state = DS_OBJ_CREATED;   /* torn: let gc reclaim it */
+            o->blob = 0;
+        }
+    }
+    /* pass 3: blobs and pending lists count on pages */
+    FOR_CHUNKS(s, id, c) {
+        if (c->kind == DS_K_BLOB) {
+            ds_blob *b = (ds_blob *)c;
+            if (b->h.refcnt == 0) { ds_chunk_free(s, (uint32_t)id); continue; }
+            if (b->h.flags & DS_BF_SMALL) {
+                h->small_bytes += ds_class_bytes(c->cls);
+                if (b->h.flags & DS_BF_HASHED) ds_lh_insert(s, &h->blobs_ix, &ds_chunk_ops, (uint32_t)id);
+                continue;
+            }
+            uint32_t *ext = (uint32_t *)ds_blob_payload(b);
+            for (uint32_t e = 0; e < b->nextents; e++) {
+                uint32_t pg = ext[2 * e], np = ext[2 * e + 1];
+                if (pg == DS_ZERO) { h->pages_zero += np; continue; }
+                for (uint32_t k = 0; k < np && pg + k < hwm; k++) {
+                    ds_pmeta *m = DS_PMETA(s, pg + k);
+                    m->refcnt++;
+                    if (!(b->h.flags & DS_BF_NODEDUP) && m->next == DS_UNHASHED)
+                        ds_page_publish(s, pg + k, ds_hash_bytes(s, DS_POOL_RO(s, pg + k), DS_PAGE_SIZE));
+                }
+            }
+        } else if (c->kind == DS_K_PENDING) {
+            if (c->refcnt == 0) { ds_chunk_free(s, (uint32_t)id); continue; }
+            ds_pending *pd = (ds_pending *)c;
+            for (uint32_t k = 0; k < pd->npages; k++)
+                if (pd->pages[k] != DS_ZERO && pd->pages[k] < hwm) DS_PMETA(s, pd->pages[k])->refcnt++;
+        }
+    }
+    /* pages: bitmap and counters; free pages beyond the warm budget are punched */
+    h->warm_free = 0;
+    for (uint32_t p = 0; p < hwm; p++) {
+        ds_pmeta *m = DS_PMETA(s, p);
+        uint64_t bit = 1ull << (p & 63);
+        if (m->refcnt) {
+            used[p >> 6] |= bit;
+            h->pages_used++;
+            if (m->refcnt >= 2) { h->pages_shared++; h->pages_sharing += m->refcnt - 1; }
+        } else {
+            used[p >> 6] &= ~bit;
+            if (backed[p >> 6] & bit) {
+                if (h->warm_free < h->warm_pages) h->warm_free++;
+                else {
+                    fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                              (off_t)p * DS_PAGE_SIZE, DS_PAGE_SIZE);
+                    backed[p >> 6] &= ~bit;
+                }
+            }
+        }
+    }
+    h->alloc_hint = 0;
+    /* sealed objects nobody references any more */
+    FOR_CHUNKS(s, id, c) {
+        if (c->kind == DS_K_OBJECT && ((ds_object *)c)->state == DS_OBJ_SEALED && c->refcnt == 0)
+            ds_object_free(s, (uint32_t)id);
+    }
+}

@@ -1,0 +1,439 @@
+"""The Store: values in shared memory, identical pages stored once."""
+import contextlib
+import os
+import re
+import threading
+import time
+import weakref
+
+from . import serialize
+from ._native import MAX_KEY, Core, holder_view
+from .errors import StoreClosedError, StoreFullError
+
+DEFAULT_DIRECTORY = "/dev/shm"
+#: Share of the directory's free space a new store may use by default.
+DEFAULT_CAPACITY_SHARE = 0.5
+#: Freed pages kept faulted in for reuse, by default (per store).
+DEFAULT_WARM_BYTES = 32 << 20
+#: Seconds a pickled ObjectRef keeps its object alive if never unpickled.
+DEFAULT_TRANSIT_TTL = 3600
+GC_INTERVAL = 2.0
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*\Z", re.I)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(value, what="size"):
+    """An int, or a string such as "512MiB", "2GiB", "1.5GB", "4096"."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int or a string like '512MiB'")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise ValueError(f"{what} {value!r} is not a size like '512MiB' or '2GiB'")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    else:
+        raise TypeError(f"{what} must be an int or a string like '512MiB'")
+    if n <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return n
+
+
+def store_paths(name, directory=None):
+    """The two files of store ``name``: (index, pool)."""
+    check_name(name)
+    d = directory or DEFAULT_DIRECTORY
+    return (os.path.join(d, f"dedupshm.{name}.index"), os.path.join(d, f"dedupshm.{name}.pool"))
+
+
+def check_name(name):
+    if not isinstance(name, str):
+        raise TypeError(f"store name must be a str, not {type(name).__name__}")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"store name {name!r} must match [A-Za-z0-9._-]{{1,64}}")
+    if name in (".", ".."):
+        raise ValueError(f"store name {name!r} is not allowed")
+
+
+def encode_key(key):
+    """Keys are str or bytes; stored with a one-byte type tag."""
+    if isinstance(key, str):
+        b = b"s" + key.encode("utf-8", "surrogatepass")
+    elif isinstance(key, (bytes, bytearray)):
+        b = b"b" + bytes(key)
+    else:
+        raise TypeError(f"keys must be str or bytes, not {type(key).__name__}")
+    if len(b) > MAX_KEY:
+        raise ValueError(f"key is {len(b) - 1} bytes; the limit is {MAX_KEY - 1}")
+    return b
+
+
+def decode_key(b):
+    return b[1:].decode("utf-8", "surrogatepass") if b[:1] == b"s" else bytes(b[1:])
+
+
+# One attachment per store per process, shared by Store objects and refs.
+_cores = {}
+_cores_lock = threading.Lock()
+
+
+def _core_for(name, directory, create, capacity, warm_bytes, transit_ttl):
+    index, pool = store_paths(name, directory)
+    with _cores_lock:
+        core = _cores.get(index)
+        core = core() if core is not None else None
+        if core is not None:
+            try:
+                if os.stat(index).st_ino == core.ino:
+                    return core
+            except FileNotFoundError:
+                if not create:
+                    raise FileNotFoundError(2, "no such store", index) from None
+        core = Core(index, pool, create, capacity, warm_bytes, transit_ttl)
+        _cores[index] = weakref.ref(core)
+        return core
+
+
+class ObjectRef:
+    """A reference to a stored object.  Small, hashable, picklable.
+
+    While any ObjectRef to an object exists in any process -- or is in
+    flight inside a pickle -- the object stays in the store.  A pickled
+    ref carries a reference of its own, taken over by the first process
+    that unpickles it (or dropped after the store's transit TTL)."""
+
+    __slots__ = ("_core", "_obj", "_gen", "_live", "__weakref__")
+
+    def __init__(self, core, obj, gen, live=True):
+        self._core = core
+        self._obj = obj
+        self._gen = gen
+        self._live = live      # we counted a pin for this instance
+
+    @property
+    def id(self):
+        """(object slot, generation): unique within its store."""
+        return (self._obj, self._gen)
+
+    def __hash__(self):
+        return hash((self._core.uuid, self._obj, self._gen))
+
+    def __eq__(self, other):
+        return (isinstance(other, ObjectRef) and other._core.uuid == self._core.uuid
+                and other._obj == self._obj and other._gen == self._gen)
+
+    def __repr__(self):
+        name = os.path.basename(self._core.index_path)[len("dedupshm."):-len(".index")]
+        return f"<ObjectRef {name}:{self._obj}.{self._gen}>"
+
+    def __del__(self):
+        try:
+            if self._live:
+                self._live = False
+                self._core.unpin(self._obj, self._gen)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __copy__(self):
+        return _local_ref(self._core, self._obj, self._gen)
+
+    def __deepcopy__(self, memo):
+        return self.__copy__()
+
+    def __reduce__(self):
+        token = self._core.transit(self._obj, self._gen) if self._live else None
+        d, base = os.path.split(self._core.index_path)
+        name = base[len("dedupshm."):-len(".index")]
+        return (_rebuild_ref, (d, name, self._core.uuid, self._obj, self._gen, token))
+
+
+def _local_ref(core, obj, gen):
+    try:
+        core.pin(obj, gen)
+        return ObjectRef(core, obj, gen)
+    except KeyError:
+        return ObjectRef(core, obj, gen, live=False)
+
+
+def _rebuild_ref(directory, name, uuid, obj, gen, token):
+    try:
+        core = _core_for(name, directory, False, 0, 0, 0)
+    except FileNotFoundError:
+        core = None
+    if core is None or core.uuid != uuid:
+        # the store is gone (or was re-created): a dangling reference
+        return ObjectRef(_DeadCore(directory, name, uuid), obj, gen, live=False)
+    live = core.claim(token, obj, gen)
+    return ObjectRef(core, obj, gen, live=live)
+
+
+class _DeadCore:
+    """Stands in for the store of a reference whose store no longer exists."""
+
+    def __init__(self, directory, name, uuid):
+        self.index_path = store_paths(name, directory)[0]
+        self.uuid = uuid
+
+    def unpin(self, obj, gen):
+        pass
+
+    def transit(self, obj, gen):
+        return None
+
+
+def _attach_store(name, directory):
+    return Store(name, directory=directory)
+
+
+class Store:
+    """A deduplicating shared-memory object store.
+
+    ``Store(name, create=True)`` creates the store (or attaches if it
+    exists); ``Store(name)`` attaches to an existing one and raises
+    FileNotFoundError if there is none.  Every process attaches directly;
+    there is no server.
+
+    ``capacity`` bounds the physical bytes of object data (int or
+    "512MiB"); by default half the free space of ``directory`` when the
+    store is created.  ``warm_bytes`` of freed pages are kept faulted in
+    for reuse; the rest goes back to the OS at once.  Page dedup is a
+    timing side channel between the processes of a store: pass
+    ``dedup=False`` to :meth:`put` for values that must not share pages.
+    """
+
+    def __init__(self, name, *, create=False, capacity=None, directory=None,
+                 warm_bytes=None, transit_ttl=None):
+        check_name(name)
+        directory = directory or DEFAULT_DIRECTORY
+        if create:
+            if capacity is None:
+                st = os.statvfs(directory)
+                capacity = max(int(st.f_bavail * st.f_frsize * DEFAULT_CAPACITY_SHARE), 1 << 20)
+            capacity = parse_size(capacity, "capacity")
+            warm = DEFAULT_WARM_BYTES if warm_bytes is None else warm_bytes
+            warm = 0 if warm == 0 else parse_size(warm, "warm_bytes")
+            ttl = DEFAULT_TRANSIT_TTL if transit_ttl is None else int(transit_ttl)
+            if ttl < 0:
+                raise ValueError("transit_ttl must be >= 0")
+        else:
+            capacity, warm, ttl = 0, 0, 0
+        self.name = name
+        self.directory = directory
+        self._core = None
+        self._core = _core_for(name, directory, create, capacity, warm, ttl)
+        self._next_gc = 0.0
+        self._maybe_gc()
+
+    # ---- lifecycle -------------------------------------------------------
+    def close(self):
+        """Let go of the store in this object.  Views and ObjectRefs still
+        alive keep this process attached until they are released."""
+        self._core = None
+
+    @property
+    def closed(self):
+        return self._core is None
+
+    def unlink(self):
+        """Remove the store's files.  Attached processes keep working until
+        they close; new attaches fail with FileNotFoundError."""
+        for p in store_paths(self.name, self.directory):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __reduce__(self):
+        return (_attach_store, (self.name, self.directory))
+
+    def __repr__(self):
+        state = "closed" if self.closed else "open"
+        return f"<dedupshm.Store {self.name!r} in {self.directory} ({state})>"
+
+    def _c(self):
+        core = self._core
+        if core is None:
+            raise StoreClosedError(f"store {self.name!r} is closed")
+        return core
+
+    def _maybe_gc(self):
+        now = time.monotonic()
+        if now >= self._next_gc:
+            self._next_gc = now + GC_INTERVAL
+            self._c().gc()
+
+    # ---- values ----------------------------------------------------------
+    def put(self, value, *, key=None, dedup=True):
+        """Copy ``value`` into the store, seal it and return its ObjectRef.
+
+        With ``key``, bind the key to it (replacing an older value).
+        Identical pages are shared with everything else in the store unless
+        ``dedup`` is False.  Raises StoreFullError (store unchanged) when
+        the new pages do not fit."""
+        core = self._c()
+        kb = encode_key(key) if key is not None else None
+        desc, bufs = serialize.encode(value)
+        self._maybe_gc()
+        try:
+            obj, gen = core.put(kb, desc, bufs, not dedup)
+        except StoreFullError:
+            core.gc()                       # dead processes may hold space
+            obj, gen = core.put(kb, desc, bufs, not dedup)
+        return ObjectRef(core, obj, gen)
+
+    def _resolve(self, ref_or_key):
+        """(obj, gen) of a ref of this store or of a bound key; pins it."""
+        core = self._c()
+        if isinstance(ref_or_key, ObjectRef):
+            if ref_or_key._core.uuid != core.uuid:
+                raise ValueError(f"{ref_or_key!r} belongs to another store")
+            obj, gen = ref_or_key._obj, ref_or_key._gen
+            core.pin(obj, gen)
+            return obj, gen
+        kb = encode_key(ref_or_key)
+        for _ in range(100):
+            found = core.lookup(kb)
+            if found is None:
+                raise KeyError(ref_or_key)
+            try:
+                core.pin(*found)
+                return found
+            except KeyError:
+                continue                    # replaced meanwhile: look again
+        raise KeyError(ref_or_key)
+
+    def get(self, ref_or_key, *, writable=False):
+        """The stored value, zero-copy.
+
+        numpy arrays come back as read-only arrays over shared memory,
+        bytes-like values as read-only memoryviews, anything else rebuilt
+        with pickle protocol 5 (its large buffers stay in shared memory).
+        ``writable=True`` gives a private copy-on-write view instead:
+        writes stay in this process and cost memory only for pages written.
+        The object's memory stays valid while the returned value (or any
+        view of it) is alive, even if the object is deleted meanwhile."""
+        try:
+            obj, gen = self._resolve(ref_or_key)
+        except KeyError:
+            raise KeyError(ref_or_key) from None
+        core = self._core
+        try:
+            desc, bufs = core.view(obj, gen, writable)   # the view keeps our pin
+        except BaseException:
+            core.unpin(obj, gen)
+            raise
+        return serialize.decode(desc, bufs)
+
+    def ref(self, key):
+        """An ObjectRef to the value bound to ``key`` (KeyError if none)."""
+        obj, gen = self._resolve(key)
+        return ObjectRef(self._core, obj, gen)
+
+    @contextlib.contextmanager
+    def create(self, key, nbytes):
+        """``with store.create(key, nbytes) as buf:`` fill a writable
+        memoryview in place; it is sealed and bound to ``key`` when the
+        block exits normally, discarded if it raises.  After the block,
+        ``buf`` is a private copy-on-write view of what was stored."""
+        core = self._c()
+        kb = encode_key(key)
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError("nbytes must be an int")
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        if nbytes == 0:
+            yield memoryview(bytearray(0))
+            self.put(b"", key=key)
+            return
+        obj, gen, holder, state = core.create(kb, nbytes)
+        buf = holder_view(holder, nbytes)
+        try:
+            yield buf
+        except BaseException:
+            core.abort(obj, gen, holder)
+            raise
+        desc, _ = serialize.encode(b"")
+        core.commit(obj, gen, desc, holder, state)
+
+    def delete(self, ref_or_key):
+        """Remove a value: unbind its key and make it unreachable.  Readers
+        that hold it keep their bytes; memory returns when they let go."""
+        core = self._c()
+        if isinstance(ref_or_key, ObjectRef):
+            if ref_or_key._core.uuid != core.uuid:
+                raise ValueError(f"{ref_or_key!r} belongs to another store")
+            try:
+                core.delete_obj(ref_or_key._obj, ref_or_key._gen)
+            except KeyError:
+                raise KeyError(ref_or_key) from None
+        else:
+            try:
+                core.delete_key(encode_key(ref_or_key))
+            except KeyError:
+                raise KeyError(ref_or_key) from None
+
+    # ---- mapping protocol -------------------------------------------------
+    def __setitem__(self, key, value):
+        self.put(value, key=key)
+
+    def __getitem__(self, key):
+        return self.get(key)
+
+    def __delitem__(self, key):
+        self.delete(key)
+
+    def __contains__(self, key):
+        if isinstance(key, ObjectRef):
+            try:
+                self._resolve(key)
+            except KeyError:
+                return False
+            self._core.unpin(key._obj, key._gen)
+            return True
+        return self._c().lookup(encode_key(key)) is not None
+
+    def __len__(self):
+        return self._c().count()
+
+    def keys(self):
+        """A snapshot list of the bound keys."""
+        return [decode_key(k) for k, _ in self._c().keys()]
+
+    def items_sizes(self):
+        """A snapshot list of (key, logical size in bytes)."""
+        return [(decode_key(k), n) for k, n in self._c().keys()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    # ---- housekeeping -------------------------------------------------------
+    def stats(self):
+        """Counters of the whole store (all processes), as a dict."""
+        s = self._c().stats()
+        phys, logical = s["physical_bytes"], s["logical_bytes"]
+        s["dedup_ratio"] = (logical / phys) if phys else (float("inf") if logical else 1.0)
+        return s
+
+    def gc(self):
+        """Reclaim what dead processes left: their references, pins and
+        half-written objects, and pickled references past their TTL.  Runs
+        by itself too; never needed for correctness."""
+        return self._c().gc()
+
+    def clients(self):
+        """Attached processes: [{'slot', 'pid', 'handles'}]."""
+        return self._c().clients()
+
+    def _fingerprint(self, page):
+        return self._c().fingerprint(page)
+
+    def _fingerprint_pages(self, buf):
+        return self._c().fingerprint_pages(buf)
