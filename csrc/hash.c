@@ -86,6 +86,35 @@ static void stripes_avx2(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
 }
 #endif
 
+/* Copy one page to a page-aligned destination with non-temporal stores:
+ * the destination is not read first and does not evict the source from
+ * the cache (it was just fingerprinted and is still there). */
+__attribute__((target("avx2")))
+static void copy_page_avx2(void *dst, const void *src) {
+    __m256i *d = dst;
+    const __m256i *s = src;
+    for (unsigned i = 0; i < DS_PAGE_SIZE / 32; i += 4) {
+        __m256i a = _mm256_loadu_si256(s + i), b = _mm256_loadu_si256(s + i + 1);
+        __m256i c = _mm256_loadu_si256(s + i + 2), e = _mm256_loadu_si256(s + i + 3);
+        _mm256_stream_si256(d + i, a);
+        _mm256_stream_si256(d + i + 1, b);
+        _mm256_stream_si256(d + i + 2, c);
+        _mm256_stream_si256(d + i + 3, e);
+    }
+}
+
+static void copy_page_plain(void *dst, const void *src) { memcpy(dst, src, DS_PAGE_SIZE); }
+
+static void (*g_copy)(void *, const void *) = copy_page_plain;
+
+void ds_copy_page(void *dst, const void *src) { g_copy(dst, src); }
+
+void ds_copy_done(void) {
+#if defined(__x86_64__)
+    _mm_sfence();
+#endif
+}
+
 static stripes_fn g_stripes;
 static const char *g_impl = "scalar";
 
@@ -96,6 +125,7 @@ static void pick_kernel(void) {
     if (__builtin_cpu_supports("avx2")) {
         g_impl = "avx2";
         g_stripes = stripes_avx2;
+        g_copy = copy_page_avx2;
         return;
     }
 #endif

@@ -23,6 +23,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -318,6 +319,80 @@ static void discard(ds_store *s, uint32_t id) {
     ds_object_free(s, id);
 }
 
+/* One thread's share of a large put: pages [lo, hi), in chunks small
+ * enough to stay in the core's cache between fingerprinting and copying,
+ * so the value is read from memory once. */
+#define PUT_CHUNK 64u
+#define PUT_THREAD_MIN 4096u     /* pages; below this one thread does it all */
+
+typedef struct put_job {
+    ds_store *s;
+    uint32_t pend;             /* the object's PENDING chunk */
+    int dedup;
+    const srcpage *src;
+    uint32_t *pages;           /* out: final page of each value page */
+    uint32_t lo, hi;
+    int rc;
+} put_job;
+
+static void *put_range(void *arg) {
+    put_job *j = arg;
+    ds_store *s = j->s;
+    uint64_t fps[PUT_CHUNK];
+    uint32_t fresh[PUT_CHUNK], missidx[PUT_CHUNK];
+    uint8_t zero[PUT_CHUNK];
+    for (uint32_t c = j->lo; c < j->hi; c += PUT_CHUNK) {
+        uint32_t e = c + PUT_CHUNK < j->hi ? c + PUT_CHUNK : j->hi, m = e - c;
+        for (uint32_t i = 0; i < m; i++) {
+            const uint8_t *p = j->src[c + i].p;
+            zero[i] = (uint8_t)ds_page_is_zero(p);
+            if (!zero[i]) fps[i] = ds_hash_bytes(s, p, DS_PAGE_SIZE);
+        }
+        int rc = ds_lock(s);
+        if (rc) { j->rc = rc; return NULL; }
+        ds_pending *pd = (ds_pending *)DS_CHUNK(s, j->pend);
+        uint32_t nmiss = 0;
+        for (uint32_t i = 0; i < m; i++) {
+            if (zero[i]) { j->pages[c + i] = DS_ZERO; continue; }
+            uint32_t hit = j->dedup ? ds_page_find(s, fps[i], j->src[c + i].p) : DS_NIL;
+            if (hit != DS_NIL) {
+                ds_page_incref(s, hit);
+                pd->pages[c + i] = j->pages[c + i] = hit;
+            } else {
+                missidx[nmiss++] = i;
+            }
+        }
+        rc = ds_pages_alloc(s, nmiss, fresh);
+        if (rc == 0)
+            for (uint32_t k = 0; k < nmiss; k++)
+                pd->pages[c + missidx[k]] = j->pages[c + missidx[k]] = fresh[k];
+        ds_unlock(s);
+        if (rc == 0) rc = ds_pool_reserve(s, fresh, nmiss);
+        if (rc) { j->rc = rc; return NULL; }
+        for (uint32_t k = 0; k < nmiss; k++)
+            ds_copy_page(DS_POOL_RW(s, fresh[k]), j->src[c + missidx[k]].p);
+        ds_copy_done();
+        if (!j->dedup || nmiss == 0) continue;
+        rc = ds_lock(s);
+        if (rc) { j->rc = rc; return NULL; }
+        pd = (ds_pending *)DS_CHUNK(s, j->pend);
+        for (uint32_t k = 0; k < nmiss; k++) {
+            uint32_t i = missidx[k];
+            /* a racer (or an earlier page of this value) may hold the same bytes */
+            uint32_t other = ds_page_find(s, fps[i], j->src[c + i].p);
+            if (other != DS_NIL) {
+                ds_page_incref(s, other);
+                pd->pages[c + i] = j->pages[c + i] = other;
+                ds_page_decref(s, fresh[k]);
+            } else {
+                ds_page_publish(s, fresh[k], fps[i]);
+            }
+        }
+        ds_unlock(s);
+    }
+    return NULL;
+}
+
 static int put_large(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed,
                      const uint8_t *desc, uint32_t desclen,
                      const ds_iov *bufs, uint32_t nbufs, uint32_t flags,
@@ -331,15 +406,11 @@ static int put_large(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
 
     uint64_t *tab = malloc(16ull * nbufs);
     srcpage *src = malloc(sizeof(srcpage) * n);
-    uint64_t *fps = malloc(8ull * n);
     uint32_t *pages = malloc(4ull * n);
-    uint8_t *miss = calloc(n, 1);
-    uint32_t *fresh = malloc(4ull * n);
     uint8_t *tails = malloc((uint64_t)nbufs * DS_PAGE_SIZE);
     int rc = 0;
-    if (!tab || !src || !fps || !pages || !miss || !fresh || (nbufs && !tails)) { rc = ENOMEM; goto out; }
+    if (!tab || !src || !pages || !tails) { rc = ENOMEM; goto out; }
 
-    /* 1. fingerprint, no lock */
     uint64_t off = 0, size = 0;
     uint32_t k = 0;
     for (uint32_t i = 0; i < nbufs; i++) {
@@ -347,28 +418,20 @@ static int put_large(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
         tab[2 * i + 1] = bufs[i].len;
         const uint8_t *p = bufs[i].base;
         uint64_t len = bufs[i].len;
-        for (uint64_t o = 0; o < len; o += DS_PAGE_SIZE) {
-            if (len - o >= DS_PAGE_SIZE) {
-                src[k].p = p + o;
-                src[k].partial = 0;
-            } else {
+        for (uint64_t o = 0; o < len; o += DS_PAGE_SIZE, k++) {
+            src[k].partial = len - o < DS_PAGE_SIZE;
+            src[k].p = p + o;
+            if (src[k].partial) {          /* last partial page: zero padded copy */
                 uint8_t *t = tails + (uint64_t)i * DS_PAGE_SIZE;
                 memset(t, 0, DS_PAGE_SIZE);
                 memcpy(t, p + o, len - o);
                 src[k].p = t;
-                src[k].partial = 1;
             }
-            k++;
         }
         off += (len + DS_PAGE_SIZE - 1) / DS_PAGE_SIZE * DS_PAGE_SIZE;
         size = tab[2 * i] + len;
     }
-    for (uint32_t i = 0; i < n; i++) {
-        fps[i] = ds_hash_bytes(s, src[i].p, DS_PAGE_SIZE);
-        pages[i] = ds_page_is_zero(src[i].p) ? DS_ZERO : 0;   /* 0: set below */
-    }
 
-    /* 2. lock: object, pending list, page lookups, allocation */
     rc = ds_lock(s);
     if (rc) goto out;
     uint32_t id;
@@ -383,63 +446,41 @@ static int put_large(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
     ds_pending *pd = (ds_pending *)DS_CHUNK(s, pend);
     pd->npages = n;
     pd->size = size;
+    pd->h.refcnt = 1;
     for (uint32_t i = 0; i < n; i++) pd->pages[i] = DS_ZERO;
     o->blob = pend;
-    pd->h.refcnt = 1;
-    uint32_t nmiss = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        if (pages[i] == DS_ZERO) continue;
-        uint32_t hit = dedup ? ds_page_find(s, fps[i], src[i].p) : DS_NIL;
-        if (hit != DS_NIL) {
-            ds_page_incref(s, hit);
-            pd->pages[i] = pages[i] = hit;
-        } else {
-            miss[i] = 1;
-            nmiss++;
-        }
-    }
-    rc = ds_pages_alloc(s, nmiss, fresh);
-    if (rc) { discard(s, id); ds_unlock(s); goto out; }
-    for (uint32_t i = 0, m = 0; i < n; i++)
-        if (miss[i]) pd->pages[i] = pages[i] = fresh[m++];
+    uint64_t mygen = o->gen;
     ds_unlock(s);
 
-    /* 3. no lock: back and fill the fresh pages */
-    rc = ds_pool_reserve(s, fresh, nmiss);
-    if (rc == 0) {
-        for (uint32_t i = 0; i < n; i++)
-            if (miss[i]) memcpy(DS_POOL_RW(s, pages[i]), src[i].p, DS_PAGE_SIZE);
+    /* fingerprint, look up, copy: two threads for large values */
+    put_job jobs[2] = {{s, pend, dedup, src, pages, 0, n, 0}, {s, pend, dedup, src, pages, n, n, 0}};
+    pthread_t th;
+    int threaded = 0;
+    if (n >= PUT_THREAD_MIN) {
+        uint32_t mid = (n / 2 + PUT_CHUNK - 1) / PUT_CHUNK * PUT_CHUNK;
+        jobs[0].hi = mid;
+        jobs[1].lo = mid;
+        threaded = pthread_create(&th, NULL, put_range, &jobs[1]) == 0;
+        if (!threaded) jobs[0].hi = n;
     }
+    put_range(&jobs[0]);
+    if (threaded) pthread_join(th, NULL);
+    rc = jobs[0].rc ? jobs[0].rc : jobs[1].rc;
 
-    /* 4. lock: publish, seal */
     int lrc = ds_lock(s);
     if (lrc) { rc = lrc; goto out; }
-    if (rc) { discard(s, id); ds_unlock(s); goto out; }
-    pd = (ds_pending *)DS_CHUNK(s, pend);
-    if (dedup) {
-        for (uint32_t i = 0; i < n; i++) {
-            if (!miss[i]) continue;
-            uint32_t other = ds_page_find(s, fps[i], src[i].p);
-            if (other != DS_NIL && other != pages[i]) {
-                ds_page_incref(s, other);
-                ds_page_decref(s, pages[i]);
-                pd->pages[i] = pages[i] = other;
-            } else {
-                ds_page_publish(s, pages[i], fps[i]);
-            }
+    if (rc == 0) {
+        rc = seal_pages(s, id, pages, n, size, tab, nbufs, desc, desclen,
+                        dedup ? 0 : DS_BF_NODEDUP, keyed, handle);
+        if (rc == 0) {
+            *obj = id;
+            *gen = mygen;
         }
     }
-    rc = seal_pages(s, id, pages, n, size, tab, nbufs, desc, desclen,
-                    dedup ? 0 : DS_BF_NODEDUP, keyed, handle);
-    if (rc == 0) {
-        *obj = id;
-        *gen = obj_at(s, id)->gen;
-    } else if (obj_at(s, id)->h.kind == DS_K_OBJECT) {
-        discard(s, id);
-    }
+    if (rc && obj_check(s, id, mygen)) discard(s, id);
     ds_unlock(s);
 out:
-    free(tab); free(src); free(fps); free(pages); free(miss); free(fresh); free(tails);
+    free(tab); free(src); free(pages); free(tails);
     return rc;
 }
 

@@ -17,7 +17,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/mman.h>
 #include "layout.h"
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
 #define PMETA_BACK_STEP (1u << 20)
 
@@ -92,6 +97,9 @@ int ds_pool_reserve(ds_store *s, const uint32_t *pages, uint32_t n) {
         if (fallocate(s->pool_fd, 0, (off_t)pages[i] * DS_PAGE_SIZE,
                       (off_t)(j - i) * DS_PAGE_SIZE) != 0)
             return errno == ENOSPC ? DS_EFULL : errno;
+        /* map them into our writable view in one go (cheaper than a fault
+         * per page); harmless if the kernel lacks it */
+        madvise(DS_POOL_RW(s, pages[i]), (size_t)(j - i) * DS_PAGE_SIZE, MADV_POPULATE_WRITE);
         for (uint32_t k = i; k < j; k++) bit_set(backed, pages[k]);
         i = j;
     }
