@@ -761,7 +761,8 @@ int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *
     /* The caller holds a reference: the object and its blob are immutable,
      * so no lock is needed to read them. */
     ds_object *o = obj_check(s, obj, gen);
-    if (!o || o->state != DS_OBJ_SEALED || !o->blob) return DS_ENOTFOUND;
+    if (!o || o->state != DS_OBJ_SEALED || !o->blob || (o->oflags & DS_OF_DELETED))
+        return DS_ENOTFOUND;
     if ((uint64_t)o->blob >= s->hdr->heap_top) return DS_ECORRUPT;
     ds_blob *b = (ds_blob *)DS_CHUNK(s, o->blob);
     if (b->h.kind != DS_K_BLOB) return DS_ECORRUPT;

@@ -63,6 +63,19 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _Scratch(threading.local):
+    """Per-thread output cells for C calls (saves allocating them per call)."""
+
+    def __init__(self):
+        self.obj = ffi.new("uint32_t *")
+        self.gen = ffi.new("uint64_t *")
+        self.h = ffi.new("uint32_t *")
+        self.vi = ffi.new("ds_viewinfo *")
+
+
+_scratch = _Scratch()
+
+
 class Core:
     """One process's attachment to a store.  Thread-safe.
 
@@ -123,7 +136,7 @@ class Core:
             if entry is not None:
                 entry[1] += 1
                 return
-            h = ffi.new("uint32_t *")
+            h = _scratch.h
             check(lib.ds_acquire(self._s, obj, gen, h), "object")
             self._held[(obj, gen)] = [h[0], 1]
 
@@ -162,17 +175,12 @@ class Core:
     def put(self, key, desc, bufs, nodedup):
         n = len(bufs)
         iov = ffi.new("ds_iov[]", max(n, 1))
-        keep = []
-        for i, b in enumerate(bufs):
-            nbytes = b.nbytes
-            if nbytes:
-                p = ffi.from_buffer("char[]", b)
-                keep.append(p)
-                iov[i].base = p
-            iov[i].len = nbytes
-        obj = ffi.new("uint32_t *")
-        gen = ffi.new("uint64_t *")
-        h = ffi.new("uint32_t *")
+        keep = [ffi.from_buffer("char[]", b) for b in bufs]   # alive during the call
+        for i, p in enumerate(keep):
+            iov[i].base = p
+            iov[i].len = len(p)
+        sc = _scratch
+        obj, gen, h = sc.obj, sc.gen, sc.h
         rc = lib.ds_put(self._s, key if key is not None else ffi.NULL,
                         len(key) if key is not None else 0,
                         desc, len(desc), iov, n, lib.DS_NODEDUP if nodedup else 0,
@@ -213,8 +221,7 @@ class Core:
         lib.ds_abort(self._s, obj, gen, holder)
 
     def lookup(self, key):
-        obj = ffi.new("uint32_t *")
-        gen = ffi.new("uint64_t *")
+        obj, gen = _scratch.obj, _scratch.gen
         rc = lib.ds_lookup(self._s, key, len(key), obj, gen)
         if rc == lib.DS_ENOTFOUND:
             return None
@@ -224,7 +231,7 @@ class Core:
     def view(self, obj, gen, writable):
         """Map a pinned object.  Returns (descriptor, [buffer memoryviews]);
         the buffers keep the pin until they are all released."""
-        vi = ffi.new("ds_viewinfo *")
+        vi = _scratch.vi
         check(lib.ds_view(self._s, obj, gen, int(writable), vi), "view")
         desc = bytes(ffi.buffer(vi.desc, vi.desclen))
         size = vi.size

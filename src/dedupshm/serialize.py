@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 
 OOB_MIN = 4096
+BYTES_DESC = msgpack.packb({"k": "b"}, use_bin_type=True)
 INLINE_PICKLE_MAX = 1 << 16
 
 
@@ -42,7 +43,7 @@ def encode(value):
         mv = memoryview(buf.view(np.uint8) if buf.size else b"")
         return msgpack.packb(desc, use_bin_type=True), [mv.cast("B") if mv.ndim != 1 else mv]
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return msgpack.packb({"k": "b"}, use_bin_type=True), [_contiguous_bytes(value)]
+        return BYTES_DESC, [_contiguous_bytes(value)]
     bufs = []
 
     def oob(pb):

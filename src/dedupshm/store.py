@@ -63,7 +63,7 @@ def encode_key(key):
     """Keys are str or bytes; stored with a one-byte type tag."""
     if isinstance(key, str):
         b = b"s" + key.encode("utf-8", "surrogatepass")
-    elif isinstance(key, (bytes, bytearray)):
+    elif isinstance(key, bytes):
         b = b"b" + bytes(key)
     else:
         raise TypeError(f"keys must be str or bytes, not {type(key).__name__}")
@@ -89,6 +89,8 @@ def _core_for(name, directory, create, capacity, warm_bytes, transit_ttl):
         if core is not None:
             try:
                 if os.stat(index).st_ino == core.ino:
+                    if not os.access(index, os.R_OK | os.W_OK):   # e.g. after setuid
+                        raise PermissionError(13, "store belongs to another user", index)
                     return core
             except FileNotFoundError:
                 if not create:
@@ -360,8 +362,7 @@ class Store:
         except BaseException:
             core.abort(obj, gen, holder)
             raise
-        desc, _ = serialize.encode(b"")
-        core.commit(obj, gen, desc, holder, state)
+        core.commit(obj, gen, serialize.BYTES_DESC, holder, state)
 
     def delete(self, ref_or_key):
         """Remove a value: unbind its key and make it unreachable.  Readers
@@ -382,6 +383,7 @@ class Store:
 
     # ---- mapping protocol -------------------------------------------------
     def __setitem__(self, key, value):
+        encode_key(key)                     # None is not a key here
         self.put(value, key=key)
 
     def __getitem__(self, key):
