@@ -93,6 +93,13 @@ typedef struct ds_stats {
     uint64_t gc_runs;
     uint64_t recoveries;     /* lock owner died: metadata rebuilt */
     uint64_t reaped_clients; /* dead clients cleaned up */
+    /* merger (ksmd's meanings) */
+    uint64_t pages_merged;   /* mergeable pages mapped onto pool pages */
+    uint64_t pages_unshared; /* stable mergeable pages with no partner yet */
+    uint64_t pages_volatile; /* mergeable pages that changed between looks */
+    uint64_t full_scans;     /* completed passes over a process's mergeable memory */
+    uint64_t pages_scanned;
+    uint64_t merger_cpu_ns;
 } ds_stats;
 
 typedef struct ds_gcinfo {
@@ -197,6 +204,33 @@ int ds_stats_get(ds_store *s, ds_stats *out);
 int ds_gc(ds_store *s, ds_gcinfo *out);
 /* Attached clients (up to n); *count is the number written. */
 int ds_clients(ds_store *s, ds_clientinfo *out, uint32_t n, uint32_t *count);
+
+/* ---- mergeable memory and the merger (merger.c) ----
+ * Mergeable memory is private to the calling process: anonymous,
+ * zero-filled, page aligned.  ds_merge_scan() merges its pages with
+ * identical pages of the store (and, through the pool, of other
+ * processes) copy-on-write.  Installs a SIGSEGV handler (chained). */
+typedef struct ds_scaninfo {
+    uint64_t total_pages;    /* mergeable pages of this process */
+    uint64_t visited;        /* pages walked by this call */
+    uint64_t scanned;        /* pages read and fingerprinted */
+    uint64_t skipped;        /* smart scan: not looked at this pass */
+    uint64_t merged;         /* pages newly mapped onto pool pages */
+    uint64_t promoted;       /* of which copied into new pool pages */
+    uint64_t unmerged;       /* merged pages written since (now private) */
+    uint64_t zeroed;         /* zero pages dropped */
+    uint64_t passes;         /* passes completed by this call */
+    uint64_t cpu_ns;         /* CPU time of this call */
+} ds_scaninfo;
+
+int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr);
+/* Give the region back (its merged pages' references too). */
+int ds_mergeable_free(ds_store *s, uint8_t *addr);
+/* Walk up to max_pages pages (0: one full pass) from where the last call
+ * stopped.  Takes only this process's merger lock and hdr->lock. */
+int ds_merge_scan(ds_store *s, uint64_t max_pages, ds_scaninfo *out);
+/* Most mappings the merger may create in this process. */
+int ds_merger_config(ds_store *s, uint32_t vma_budget);
 
 /* Salted 64-bit fingerprint of one page, and over n pages (benchmarks). */
 uint64_t ds_fingerprint(ds_store *s, const void *page);

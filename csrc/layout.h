@@ -67,6 +67,10 @@ typedef struct ds_client {
     uint64_t start_time;   /* /proc/PID/stat field 22: tells reused pids apart */
     uint64_t handles;      /* references it holds (statistics only) */
     uint64_t attach_ns;
+    uint64_t volatile_pages;  /* merger: pages that changed since its last look */
+    uint64_t unshared_pages;  /* merger: stable pages still waiting for a partner */
+    uint64_t merged_pages;    /* merger: pages of ours mapped onto pool pages */
+    uint64_t pad2;
 } ds_client;
 
 /* ---- page meta, one per pool page, array at hdr->pmeta_off -------------
@@ -94,7 +98,7 @@ typedef struct ds_pmeta {
  * lock by a process holding a reference to the object. */
 enum ds_kind {
     DS_K_FREE = 0xA1, DS_K_OBJECT = 0xB1, DS_K_BLOB = 0xB2,
-    DS_K_HANDLE = 0xB3, DS_K_PENDING = 0xB4,
+    DS_K_HANDLE = 0xB3, DS_K_PENDING = 0xB4, DS_K_MERGE = 0xB5,
 };
 
 typedef struct ds_chunk {
@@ -139,14 +143,29 @@ typedef struct ds_blob {
 } ds_blob;
 
 /* PENDING chunk: the pages a CREATED object owns so far.  pages[i] is
- * DS_ZERO until page i is acquired.  Lets gc/rebuild release them. */
+ * DS_ZERO until page i is acquired.  Lets gc/rebuild release them.
+ * MERGE chunk (same layout): one mergeable region of client 'owner';
+ * pages[i] is the pool page that page i of the region is mapped onto (one
+ * reference each), DS_ZERO if none.  Written by the owner's merger under
+ * the lock; released by the owner, or by gc when the owner died. */
 typedef struct ds_pending {
     ds_chunk h;
     uint64_t size;
     uint32_t npages;
-    uint32_t pad;
+    uint32_t owner;        /* MERGE only: client slot */
     uint32_t pages[];
 } ds_pending;
+
+/* Merger hint table: a lossy, direct-mapped table of fingerprints of
+ * stable (unchanged across two looks) pages that are not in the pool
+ * yet, and whose they are.  When a second process finds a page with the
+ * same fingerprint there, it copies its page into the pool; the first
+ * process then finds the bytes in the pool on its next look.  A hint is
+ * never trusted: every merge compares bytes.  Under hdr->lock. */
+typedef struct ds_hint {
+    uint32_t tag;          /* high half of the fingerprint (low half picks the slot) */
+    uint32_t owner;        /* client slot + 1; 0 = empty */
+} ds_hint;
 
 /* HANDLE chunk: one reference to an object held by a client, or in
  * flight inside a pickle (owner == DS_TRANSIT_OWNER). */
@@ -173,6 +192,9 @@ typedef struct ds_header {
     uint64_t index_size;
     uint64_t clients_off, pmeta_off, used_off, backed_off, heap_off, heap_size;
     uint64_t warm_pages;     /* freed pages kept backed, at most */
+    uint64_t hints_off;      /* merger hint table */
+    uint32_t hints_mask;     /* entries - 1 (a power of two) */
+    uint32_t pad_h;
     uint32_t transit_ttl;    /* seconds */
     uint32_t state;          /* DS_ST_READY once initialised */
     uint8_t pad0[64];
@@ -195,6 +217,8 @@ typedef struct ds_header {
     uint64_t objects, keys, logical_bytes, pages_used, pages_shared,
              pages_sharing, pages_zero, small_bytes, warm_free, handles,
              meta_bytes, gc_runs, recoveries, reaped_clients;
+    /* merger counters (summed over processes) */
+    uint64_t full_scans, pages_scanned, merger_cpu_ns;
 } ds_header;
 
 /* ---- the per-process handle (private memory) ---------------------------- */
@@ -209,6 +233,7 @@ struct ds_store {
     uint32_t slot;           /* our client slot */
     uint32_t pid;
     uint64_t secret[8];      /* fingerprint lanes derived from salt */
+    struct ds_merger *merger;   /* this process's mergeable regions (merger.c) */
 };
 
 /* ---- internal API (not part of the ABI) ---- */
@@ -246,6 +271,9 @@ int  ds_page_publish(ds_store *s, uint32_t page, uint64_t fp);
 int  ds_pool_reserve(ds_store *s, const uint32_t *pages, uint32_t n);
 void ds_page_free_raw(ds_store *s, uint32_t page);
 int  ds_pmeta_ensure(ds_store *s, uint32_t page);
+/* merger.c */
+void ds_merger_after_fork(ds_store *s);
+void ds_merger_close(ds_store *s);
 /* object.c */
 void ds_object_free(ds_store *s, uint32_t id);
 void ds_object_decref(ds_store *s, uint32_t id);

@@ -103,8 +103,8 @@ static int client_register(ds_store *s) {
         for (uint32_t i = 0; i < h->max_clients; i++) {
             ds_client *c = DS_CLIENT(s, i);
             if (c->pid == 0) {
+                memset(c, 0, sizeof *c);
                 c->start_time = st;
-                c->handles = 0;
                 c->attach_ns = now_ns();
                 c->pid = s->pid;
                 s->slot = i;
@@ -159,12 +159,16 @@ static int init_store(ds_store *s, uint64_t capacity, uint64_t warm_bytes,
     uint64_t backed_off = off;   off += PAGE_ROUND((cap_pages + 63) / 64 * 8);
     uint64_t bbk_off = off;      off += PAGE_ROUND(xbuckets * 4);
     uint64_t kbk_off = off;      off += PAGE_ROUND(xbuckets * 4);
+    uint64_t hints = 4096;
+    while (hints < cap_pages / 4) hints <<= 1;
+    uint64_t hints_off = off;    off += PAGE_ROUND(hints * sizeof(ds_hint));
     uint64_t heap_off = off;     off += heap;
 
     if (ftruncate(s->index_fd, (off_t)off) != 0) return errno;
     /* back the fixed part now: header, clients, bitmaps */
     if (fallocate(s->index_fd, 0, 0, (off_t)pmeta_off) != 0 ||
-        fallocate(s->index_fd, 0, (off_t)used_off, (off_t)(bbk_off - used_off)) != 0)
+        fallocate(s->index_fd, 0, (off_t)used_off, (off_t)(bbk_off - used_off)) != 0 ||
+        fallocate(s->index_fd, 0, (off_t)hints_off, (off_t)(heap_off - hints_off)) != 0)
         return errno == ENOSPC ? DS_EFULL : errno;
 
     int pfd = open(pool_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -199,6 +203,8 @@ static int init_store(ds_store *s, uint64_t capacity, uint64_t warm_bytes,
     h->heap_off = heap_off;
     h->heap_size = heap;
     h->warm_pages = warm_bytes / DS_PAGE_SIZE;
+    h->hints_off = hints_off;
+    h->hints_mask = (uint32_t)(hints - 1);
     h->transit_ttl = ttl;
     h->heap_top = 1;
     h->gen_seq = 1;
@@ -247,6 +253,10 @@ static int validate_header(const ds_header *h, uint64_t file_size) {
             ts[i]->level > 31)
             return DS_ECORRUPT;
     if (h->heap_top * DS_UNIT > h->heap_size || h->page_hwm > h->cap_pages) return DS_ECORRUPT;
+    if (h->hints_mask == 0 || ((uint64_t)h->hints_mask & ((uint64_t)h->hints_mask + 1)) ||
+        h->hints_off < h->pmeta_off ||
+        h->hints_off + ((uint64_t)h->hints_mask + 1) * sizeof(ds_hint) > h->heap_off)
+        return DS_ECORRUPT;
     return 0;
 }
 
@@ -352,6 +362,11 @@ static uint32_t release_client(ds_store *s, uint32_t slot, uint32_t *objs) {
                    ((ds_object *)c)->owner == slot) {
             ds_object_free(s, (uint32_t)id);
             o++;
+        } else if (c->kind == DS_K_MERGE && ((ds_pending *)c)->owner == slot) {
+            ds_pending *mg = (ds_pending *)c;
+            for (uint32_t k = 0; k < mg->npages; k++)
+                if (mg->pages[k] != DS_ZERO) ds_page_decref(s, mg->pages[k]);
+            ds_chunk_free(s, (uint32_t)id);
         }
     }
     if (objs) *objs += o;
@@ -360,11 +375,12 @@ static uint32_t release_client(ds_store *s, uint32_t slot, uint32_t *objs) {
 
 void ds_close(ds_store *s) {
     if (!s) return;
+    ds_merger_close(s);
     if (s->pid == (uint32_t)getpid() && ds_lock(s) == 0) {
         ds_client *c = DS_CLIENT(s, s->slot);
         if (c->pid == s->pid) {
             release_client(s, s->slot, NULL);
-            c->pid = 0;
+            memset(c, 0, sizeof *c);
         }
         ds_unlock(s);
     }
@@ -377,6 +393,7 @@ int ds_after_fork(ds_store *s) {
     int rc = ds_lock(s);
     if (rc) return rc;
     rc = client_register(s);
+    if (rc == 0) ds_merger_after_fork(s);   /* our own references to merged pages */
     ds_unlock(s);
     return rc;
 }
@@ -393,7 +410,7 @@ int ds_gc(ds_store *s, ds_gcinfo *out) {
         if (c->pid == 0 || i == s->slot) continue;
         if (!client_alive(c)) {
             out->handles_released += release_client(s, i, &out->objects_reclaimed);
-            c->pid = 0;
+            memset(c, 0, sizeof *c);
             out->dead_clients++;
             h->reaped_clients++;
         }
@@ -457,9 +474,19 @@ int ds_stats_get(ds_store *s, ds_stats *o) {
     o->recoveries = h->recoveries;
     o->reaped_clients = h->reaped_clients;
     uint64_t nc = 0;
-    for (uint32_t i = 0; i < h->max_clients; i++)
-        if (DS_CLIENT(s, i)->pid) nc++;
+    o->pages_volatile = o->pages_unshared = o->pages_merged = 0;
+    for (uint32_t i = 0; i < h->max_clients; i++) {
+        ds_client *c = DS_CLIENT(s, i);
+        if (!c->pid) continue;
+        nc++;
+        o->pages_volatile += c->volatile_pages;
+        o->pages_unshared += c->unshared_pages;
+        o->pages_merged += c->merged_pages;
+    }
     o->clients = nc;
+    o->full_scans = h->full_scans;
+    o->pages_scanned = h->pages_scanned;
+    o->merger_cpu_ns = h->merger_cpu_ns;
     ds_unlock(s);
     return 0;
 }
@@ -576,6 +603,19 @@ static void ds_rebuild(ds_store *s) {
                     if (!(b->h.flags & DS_BF_NODEDUP) && m->next == DS_UNHASHED)
                         ds_page_publish(s, pg + k, ds_hash_bytes(s, DS_POOL_RO(s, pg + k), DS_PAGE_SIZE));
                 }
+            }
+        } else if (c->kind == DS_K_MERGE) {
+            ds_pending *mg = (ds_pending *)c;
+            if (mg->owner >= h->max_clients || DS_CLIENT(s, mg->owner)->pid == 0) {
+                ds_chunk_free(s, (uint32_t)id);
+                continue;
+            }
+            for (uint32_t k = 0; k < mg->npages; k++) {
+                uint32_t pg = mg->pages[k];
+                if (pg == DS_ZERO || pg >= hwm) continue;
+                /* not re-published: a merger may still be filling a page it
+                 * promotes; it publishes the page itself when done */
+                DS_PMETA(s, pg)->refcnt++;
             }
         } else if (c->kind == DS_K_PENDING) {
             if (c->refcnt == 0) { ds_chunk_free(s, (uint32_t)id); continue; }

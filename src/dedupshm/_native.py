@@ -302,6 +302,29 @@ class Core:
         return [{"slot": arr[i].slot, "pid": arr[i].pid, "handles": arr[i].handles}
                 for i in range(n[0])]
 
+    # ---- mergeable memory ------------------------------------------------
+    def mergeable(self, nbytes):
+        """Private, zero-filled, page-aligned memory the merger may merge.
+        Returns a writable memoryview; the region is given back when the
+        last export of it is released or collected."""
+        addr = ffi.new("uint8_t **")
+        check(lib.ds_mergeable_alloc(self._s, nbytes, addr), "mergeable")
+
+        def release(p, core=self):
+            if core._finalizer.alive:
+                lib.ds_mergeable_free(core._s, p)
+
+        holder = ffi.gc(addr[0], release, size=nbytes)
+        return memoryview(ffi.buffer(holder, nbytes))
+
+    def merge_scan(self, max_pages):
+        info = ffi.new("ds_scaninfo *")
+        check(lib.ds_merge_scan(self._s, max_pages, info), "merge scan")
+        return {name: getattr(info, name) for name in dir(info)}
+
+    def merger_config(self, vma_budget):
+        check(lib.ds_merger_config(self._s, vma_budget), "merger config")
+
     def fingerprint(self, page):
         if len(page) != PAGE_SIZE:
             raise ValueError("a page is 4096 bytes")

@@ -208,7 +208,7 @@ class Store:
     """
 
     def __init__(self, name, *, create=False, capacity=None, directory=None,
-                 warm_bytes=None, transit_ttl=None):
+                 warm_bytes=None, transit_ttl=None, merger=False):
         check_name(name)
         directory = directory or DEFAULT_DIRECTORY
         if create:
@@ -229,11 +229,17 @@ class Store:
         self._core = _core_for(name, directory, create, capacity, warm, ttl)
         self._next_gc = 0.0
         self._maybe_gc()
+        self._merger = None
+        if merger:
+            self.merger.start()
 
     # ---- lifecycle -------------------------------------------------------
     def close(self):
-        """Let go of the store in this object.  Views and ObjectRefs still
-        alive keep this process attached until they are released."""
+        """Let go of the store in this object (stopping its merger thread).
+        Views, ObjectRefs and mergeable memory still alive keep this
+        process attached until they are released."""
+        if self._merger is not None:
+            self._merger.stop()
         self._core = None
 
     @property
@@ -416,12 +422,46 @@ class Store:
     def __iter__(self):
         return iter(self.keys())
 
+    # ---- mergeable memory -------------------------------------------------
+    def mergeable(self, nbytes):
+        """Writable, zero-filled, page-aligned memory owned by this process
+        (a memoryview), which the merger dedups against the store and the
+        mergeable memory of other processes, copy-on-write: what this
+        process reads never changes under it, and its writes stay its own.
+        Freed when the view (and every export of it) is released or
+        garbage collected."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError("nbytes must be an int")
+        if nbytes <= 0:
+            raise ValueError("nbytes must be > 0")
+        return self._c().mergeable(nbytes)
+
+    def mergeable_array(self, shape, dtype=float):
+        """A writable numpy array (zeros) on mergeable memory."""
+        import numpy as np
+        dt = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        count = 1
+        for d in shape:
+            count *= d
+        buf = self.mergeable(max(count * dt.itemsize, 1))
+        return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
+
+    @property
+    def merger(self):
+        """This process's merger for the store (see dedupshm.merger.Merger)."""
+        if self._merger is None:
+            from .merger import Merger
+            self._merger = Merger(self)
+        return self._merger
+
     # ---- housekeeping -------------------------------------------------------
     def stats(self):
         """Counters of the whole store (all processes), as a dict."""
         s = self._c().stats()
         phys, logical = s["physical_bytes"], s["logical_bytes"]
         s["dedup_ratio"] = (logical / phys) if phys else (float("inf") if logical else 1.0)
+        s["merger_cpu_seconds"] = s.pop("merger_cpu_ns") / 1e9
         return s
 
     def gc(self):

@@ -1,0 +1,609 @@
+/*
+ * merger.c -- ksmd-style merging of live process memory, in user space.
+ *
+ * How it works.  A process asks for mergeable memory (ds_mergeable_alloc):
+ * private anonymous, zero-filled pages that belong to it alone.  Its
+ * merger -- a thread of its own, calling ds_merge_scan() -- walks that
+ * memory a batch of up to 64 pages at a time, like ksmd:
+ *
+ *  1. Pages already merged are not read.  /proc/self/pagemap tells
+ *     whether each is still the shared pool page (present and file-backed,
+ *     or not yet faulted) or has become a private copy because the process
+ *     wrote it; then the pool page's reference is released.
+ *  2. Pages never written (not present) cost nothing and are skipped.
+ *     Other pages are fingerprinted (salted, hash.c).  All-zero pages are
+ *     dropped (MADV_DONTNEED): they read as zeros and cost no memory.
+ *  3. The STABLE table is the store's content index of pool pages (the
+ *     same one puts use): a page whose bytes equal a pool page merges on
+ *     first sight.
+ *  4. Otherwise, like ksmd's unstable tree, a page must keep the same
+ *     fingerprint across two looks before it can pair (pages that keep
+ *     changing are "volatile" and never merged).  A stable page's
+ *     fingerprint goes into the shared hint table (layout.h).  When another
+ *     process's stable page finds it there, that process copies its page
+ *     into a new pool page (PROMOTE) and merges onto it; the first process
+ *     finds the bytes in the pool at its next look (step 3).
+ *  5. SMART SCAN: a stable page that found no partner is looked at less
+ *     often (every 2^age passes, age <= 5); any change resets its age.
+ *
+ * Merging a run of pages onto pool pages Q..Q+k: the batch is
+ * write-protected (mprotect PROT_READ; the page addresses are published in
+ * a process-wide busy table), the bytes are compared again -- a match of
+ * fingerprints is only a hint -- and the run is replaced with one
+ * mmap(MAP_PRIVATE | MAP_FIXED) of the pool file.  Reads then share the
+ * pool page; the first write makes the kernel copy it (copy-on-write), so
+ * no other process ever sees the write.  A thread that writes a page of
+ * the batch meanwhile takes SIGSEGV; our handler sees the address is busy,
+ * waits for the merge to finish and returns, and the write is retried on
+ * the new mapping: it is not lost.  Faults outside our pages go to the
+ * handler that was installed before ours (pytest's faulthandler, say).
+ * Documented limit of this fallback: a system call that writes into a
+ * page during its merge window (read(2)/recv(2) into the buffer) fails
+ * with EFAULT instead of waiting.
+ *
+ * References.  Each region has a MERGE chunk in the shared heap listing
+ * the pool page each of its pages is mapped onto; each entry holds one
+ * reference, taken under the lock BEFORE the page is mapped and dropped
+ * only after pagemap shows the page is no longer mapped (COW), so counts
+ * are exact or over, never under.  gc releases a dead process's chunk.
+ *
+ * Locking.  Shared state (pool pages, content index, hint table, MERGE
+ * chunks, counters) under hdr->lock.  The process-local region list under
+ * merger->mu, which ds_merge_scan holds for its whole call; allocation and
+ * release of regions take it too.  Lock order: merger->mu, then hdr->lock.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+#include "layout.h"
+
+#define BATCH 64u
+#define MAX_AGE 5
+#define PM_PRESENT (1ull << 63)
+#define PM_FILE (1ull << 61)
+
+typedef struct region {
+    uint8_t *addr;
+    uint32_t npages;
+    uint32_t chunk;          /* MERGE chunk in the heap */
+    uint64_t *lastfp;        /* fingerprint at the last look (0: none) */
+    uint32_t *merged;        /* pool page we are mapped onto, DS_ZERO if none */
+    uint8_t *age;            /* smart scan back-off */
+    struct region *next;
+} region;
+
+struct ds_merger {
+    pthread_mutex_t mu;
+    region *head;
+    region *cur;             /* scan cursor */
+    uint32_t cur_page;
+    uint64_t pass;           /* completed passes */
+    uint32_t vma_budget;
+    uint64_t vmas;           /* mappings our merges created (estimate) */
+    int pagemap_fd;
+    /* this pass's counts, published at the end of each pass */
+    uint64_t pass_volatile, pass_unshared;
+};
+
+/* ---- process-wide fault handling ---- */
+
+#define MAX_REGIONS 4096
+#define MAX_BUSY 16
+static uintptr_t g_reg_lo[MAX_REGIONS], g_reg_hi[MAX_REGIONS];
+static uintptr_t g_busy_lo[MAX_BUSY], g_busy_hi[MAX_BUSY];
+static struct sigaction g_old_segv;
+static int g_handler_installed;
+static pthread_mutex_t g_global_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int addr_busy(uintptr_t a) {
+    for (int i = 0; i < MAX_BUSY; i++)
+        if (a >= __atomic_load_n(&g_busy_lo[i], __ATOMIC_ACQUIRE) &&
+            a < __atomic_load_n(&g_busy_hi[i], __ATOMIC_ACQUIRE))
+            return 1;
+    return 0;
+}
+
+static int addr_ours(uintptr_t a) {
+    for (int i = 0; i < MAX_REGIONS; i++)
+        if (a >= __atomic_load_n(&g_reg_lo[i], __ATOMIC_ACQUIRE) &&
+            a < __atomic_load_n(&g_reg_hi[i], __ATOMIC_ACQUIRE))
+            return 1;
+    return 0;
+}
+
+static void on_segv(int sig, siginfo_t *si, void *ctx) {
+    uintptr_t a = (uintptr_t)si->si_addr;
+    if (addr_ours(a)) {
+        /* a write to a page being merged: wait, then retry the write */
+        while (addr_busy(a)) sched_yield();
+        return;
+    }
+    if (g_old_segv.sa_flags & SA_SIGINFO) {
+        g_old_segv.sa_sigaction(sig, si, ctx);
+    } else if (g_old_segv.sa_handler == SIG_DFL || g_old_segv.sa_handler == SIG_IGN) {
+        signal(sig, SIG_DFL);             /* the fault repeats, with the default action */
+    } else {
+        g_old_segv.sa_handler(sig);
+    }
+}
+
+static int install_handler(void) {
+    if (g_handler_installed) return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, &g_old_segv) != 0) return errno;
+    g_handler_installed = 1;
+    return 0;
+}
+
+static int region_table_add(uintptr_t lo, uintptr_t hi) {
+    for (int i = 0; i < MAX_REGIONS; i++) {
+        if (g_reg_hi[i] == 0) {
+            __atomic_store_n(&g_reg_lo[i], lo, __ATOMIC_RELEASE);
+            __atomic_store_n(&g_reg_hi[i], hi, __ATOMIC_RELEASE);
+            return 0;
+        }
+    }
+    return DS_ELIMIT;
+}
+
+static void region_table_del(uintptr_t lo) {
+    for (int i = 0; i < MAX_REGIONS; i++) {
+        if (g_reg_lo[i] == lo && g_reg_hi[i]) {
+            __atomic_store_n(&g_reg_hi[i], 0, __ATOMIC_RELEASE);
+            __atomic_store_n(&g_reg_lo[i], 0, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+}
+
+static int busy_set(uintptr_t lo, uintptr_t hi) {
+    for (;;) {
+        for (int i = 0; i < MAX_BUSY; i++) {
+            uintptr_t zero = 0;
+            if (__atomic_compare_exchange_n(&g_busy_hi[i], &zero, hi, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                __atomic_store_n(&g_busy_lo[i], lo, __ATOMIC_RELEASE);
+                return i;
+            }
+        }
+        sched_yield();
+    }
+}
+
+static void busy_clear(int i) {
+    __atomic_store_n(&g_busy_lo[i], 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&g_busy_hi[i], 0, __ATOMIC_RELEASE);
+}
+
+/* ---- regions ---- */
+
+static struct ds_merger *merger_get(ds_store *s) {
+    if (s->merger) return s->merger;
+    pthread_mutex_lock(&g_global_mu);
+    if (!s->merger) {
+        struct ds_merger *m = calloc(1, sizeof *m);
+        if (m) {
+            pthread_mutex_init(&m->mu, NULL);
+            m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+            m->vma_budget = 16384;
+            __atomic_store_n(&s->merger, m, __ATOMIC_RELEASE);
+        }
+    }
+    pthread_mutex_unlock(&g_global_mu);
+    return s->merger;
+}
+
+int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
+    if (nbytes == 0 || nbytes > (1ull << 44)) return DS_EINVAL;
+    struct ds_merger *m = merger_get(s);
+    if (!m) return ENOMEM;
+    uint64_t n64 = (nbytes + DS_PAGE_SIZE - 1) / DS_PAGE_SIZE;
+    if (n64 > 0xFFFFFFF0ull) return DS_EINVAL;
+    uint32_t n = (uint32_t)n64;
+    pthread_mutex_lock(&g_global_mu);
+    int rc = install_handler();
+    pthread_mutex_unlock(&g_global_mu);
+    if (rc) return rc;
+    region *r = calloc(1, sizeof *r);
+    if (!r) return ENOMEM;
+    r->npages = n;
+    r->lastfp = calloc(n, 8);
+    r->merged = malloc(4ull * n);
+    r->age = calloc(n, 1);
+    void *va = mmap(NULL, n64 * DS_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (!r->lastfp || !r->merged || !r->age || va == MAP_FAILED) {
+        rc = va == MAP_FAILED ? errno : ENOMEM;
+        goto fail;
+    }
+    r->addr = va;
+    for (uint32_t i = 0; i < n; i++) r->merged[i] = DS_ZERO;
+    rc = ds_lock(s);
+    if (rc) goto fail;
+    r->chunk = ds_chunk_alloc(s, sizeof(ds_pending) + 4ull * n, DS_K_MERGE);
+    if (r->chunk) {
+        ds_pending *mg = (ds_pending *)DS_CHUNK(s, r->chunk);
+        mg->npages = n;
+        mg->size = nbytes;
+        mg->owner = s->slot;
+        for (uint32_t i = 0; i < n; i++) mg->pages[i] = DS_ZERO;
+    }
+    ds_unlock(s);
+    if (!r->chunk) { rc = DS_EFULL; goto fail; }
+    pthread_mutex_lock(&g_global_mu);
+    rc = region_table_add((uintptr_t)va, (uintptr_t)va + n64 * DS_PAGE_SIZE);
+    pthread_mutex_unlock(&g_global_mu);
+    if (rc) {
+        if (ds_lock(s) == 0) { ds_chunk_free(s, r->chunk); ds_unlock(s); }
+        goto fail;
+    }
+    pthread_mutex_lock(&m->mu);
+    r->next = m->head;
+    m->head = r;
+    pthread_mutex_unlock(&m->mu);
+    *addr = va;
+    return 0;
+fail:
+    if (va != MAP_FAILED && va) munmap(va, n64 * DS_PAGE_SIZE);
+    free(r->lastfp); free(r->merged); free(r->age); free(r);
+    return rc;
+}
+
+/* Release a region's pool references and its memory.  Caller holds m->mu. */
+static void region_destroy(ds_store *s, struct ds_merger *m, region *r, int release_refs) {
+    uint64_t merged = 0;
+    if (release_refs && ds_lock(s) == 0) {
+        ds_pending *mg = (ds_pending *)DS_CHUNK(s, r->chunk);
+        if (mg->h.kind == DS_K_MERGE && mg->owner == s->slot) {
+            for (uint32_t k = 0; k < mg->npages; k++)
+                if (mg->pages[k] != DS_ZERO) { ds_page_decref(s, mg->pages[k]); merged++; }
+            ds_chunk_free(s, r->chunk);
+        }
+        ds_client *c = DS_CLIENT(s, s->slot);
+        c->merged_pages = c->merged_pages >= merged ? c->merged_pages - merged : 0;
+        ds_unlock(s);
+    }
+    if (m->cur == r) { m->cur = r->next; m->cur_page = 0; }
+    pthread_mutex_lock(&g_global_mu);
+    region_table_del((uintptr_t)r->addr);
+    pthread_mutex_unlock(&g_global_mu);
+    munmap(r->addr, (uint64_t)r->npages * DS_PAGE_SIZE);
+    free(r->lastfp); free(r->merged); free(r->age); free(r);
+}
+
+int ds_mergeable_free(ds_store *s, uint8_t *addr) {
+    struct ds_merger *m = s->merger;
+    if (!m) return DS_ENOTFOUND;
+    pthread_mutex_lock(&m->mu);
+    for (region **pp = &m->head; *pp; pp = &(*pp)->next) {
+        region *r = *pp;
+        if (r->addr == addr) {
+            *pp = r->next;
+            region_destroy(s, m, r, 1);
+            pthread_mutex_unlock(&m->mu);
+            return 0;
+        }
+    }
+    pthread_mutex_unlock(&m->mu);
+    return DS_ENOTFOUND;
+}
+
+void ds_merger_close(ds_store *s) {
+    struct ds_merger *m = s->merger;
+    if (!m) return;
+    pthread_mutex_lock(&m->mu);
+    int mine = s->pid == (uint32_t)getpid();
+    while (m->head) {
+        region *r = m->head;
+        m->head = r->next;
+        region_destroy(s, m, r, mine);
+    }
+    pthread_mutex_unlock(&m->mu);
+    if (m->pagemap_fd >= 0) close(m->pagemap_fd);
+    pthread_mutex_destroy(&m->mu);
+    free(m);
+    s->merger = NULL;
+}
+
+/* Child of fork: we inherited the regions, and their merged pages are
+ * mapped in our address space too.  Take references of our own (a new
+ * MERGE chunk per region) so the parent's exit cannot free them.  Lock
+ * held by the caller. */
+void ds_merger_after_fork(ds_store *s) {
+    struct ds_merger *m = s->merger;
+    if (!m) return;
+    pthread_mutex_init(&m->mu, NULL);       /* another thread may have held it */
+    if (m->pagemap_fd >= 0) close(m->pagemap_fd);
+    m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    uint64_t merged = 0;
+    for (region *r = m->head; r; r = r->next) {
+        uint32_t id = ds_chunk_alloc(s, sizeof(ds_pending) + 4ull * r->npages, DS_K_MERGE);
+        if (!id) {   /* no room: forget merges (pages stay mapped, unreferenced) */
+            r->chunk = 0;
+            continue;
+        }
+        ds_pending *mg = (ds_pending *)DS_CHUNK(s, id);
+        mg->npages = r->npages;
+        mg->size = (uint64_t)r->npages * DS_PAGE_SIZE;
+        mg->owner = s->slot;
+        for (uint32_t i = 0; i < r->npages; i++) {
+            mg->pages[i] = r->merged[i];
+            if (r->merged[i] != DS_ZERO) { ds_page_incref(s, r->merged[i]); merged++; }
+        }
+        r->chunk = id;
+    }
+    DS_CLIENT(s, s->slot)->merged_pages = merged;
+}
+
+int ds_merger_config(ds_store *s, uint32_t vma_budget) {
+    struct ds_merger *m = merger_get(s);
+    if (!m) return ENOMEM;
+    m->vma_budget = vma_budget;
+    return 0;
+}
+
+/* ---- scanning ---- */
+
+enum { A_NONE, A_MERGE, A_PROMOTE, A_ZERO };
+
+typedef struct batchstat {
+    uint64_t scanned, merged, unmerged, promoted, zeroed, skipped;
+} batchstat;
+
+static uint64_t thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void age_up(region *r, uint32_t p) {
+    if (r->age[p] < MAX_AGE) r->age[p]++;
+}
+
+/* Look at pages [first, first+n) of r (n <= BATCH).  m->mu held. */
+static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t first, uint32_t n,
+                      batchstat *st) {
+    ds_header *h = s->hdr;
+    uint64_t pm[BATCH];
+    uint64_t fps[BATCH];
+    uint32_t target[BATCH];
+    uint8_t act[BATCH], hashed[BATCH];
+    uint8_t *base = r->addr + (uint64_t)first * DS_PAGE_SIZE;
+    if (m->pagemap_fd < 0 ||
+        pread(m->pagemap_fd, pm, 8ull * n, (off_t)(((uintptr_t)base / DS_PAGE_SIZE) * 8)) != (ssize_t)(8ull * n))
+        return errno ? errno : EIO;
+
+    int todo = 0;
+    uint32_t cow[BATCH], ncow = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t p = first + i;
+        act[i] = A_NONE;
+        hashed[i] = 0;
+        if (r->merged[p] != DS_ZERO) {
+            if ((pm[i] & PM_PRESENT) && !(pm[i] & PM_FILE)) cow[ncow++] = i;   /* written: private now */
+            continue;
+        }
+        if (!(pm[i] & PM_PRESENT)) { r->lastfp[p] = 0; continue; }        /* never written */
+        if (r->age[p] && (m->pass & ((1u << r->age[p]) - 1)) != 0) { st->skipped++; continue; }
+        const uint8_t *pg = base + (uint64_t)i * DS_PAGE_SIZE;
+        st->scanned++;
+        if (ds_page_is_zero(pg)) { act[i] = A_ZERO; todo++; continue; }
+        fps[i] = ds_hash_bytes(s, pg, DS_PAGE_SIZE);
+        hashed[i] = 1;
+    }
+
+    int rc = ds_lock(s);
+    if (rc) return rc;
+    ds_pending *mg = (ds_pending *)DS_CHUNK(s, r->chunk);
+    ds_client *me = DS_CLIENT(s, s->slot);
+    ds_hint *hints = (ds_hint *)(s->ix + h->hints_off);
+    for (uint32_t k = 0; k < ncow; k++) {
+        uint32_t p = first + cow[k];
+        ds_page_decref(s, r->merged[p]);
+        mg->pages[p] = DS_ZERO;
+        r->merged[p] = DS_ZERO;
+        r->lastfp[p] = 0;
+        r->age[p] = 0;
+        if (me->merged_pages) me->merged_pages--;
+        st->unmerged++;
+    }
+    uint32_t promote[BATCH], npromote = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!hashed[i]) continue;
+        uint32_t p = first + i;
+        const uint8_t *pg = base + (uint64_t)i * DS_PAGE_SIZE;
+        uint32_t q = ds_page_find(s, fps[i], pg);
+        if (q != DS_NIL) {
+            ds_page_incref(s, q);            /* held before we map it */
+            mg->pages[p] = q;
+            target[i] = q;
+            act[i] = A_MERGE;
+            todo++;
+            continue;
+        }
+        if (fps[i] != r->lastfp[p]) {        /* changed since the last look */
+            r->lastfp[p] = fps[i];
+            r->age[p] = 0;
+            m->pass_volatile++;
+            continue;
+        }
+        ds_hint *ht = &hints[fps[i] & h->hints_mask];
+        uint32_t tag = (uint32_t)(fps[i] >> 32);
+        if (ht->owner && ht->tag == tag && ht->owner != s->slot + 1) {
+            ht->owner = 0;                   /* a partner: promote ours */
+            promote[npromote++] = i;
+        } else {
+            if (!(ht->owner && ht->tag == tag)) { ht->tag = tag; ht->owner = s->slot + 1; }
+            m->pass_unshared++;
+            age_up(r, p);
+        }
+    }
+    uint32_t fresh[BATCH];
+    if (npromote && ds_pages_alloc(s, npromote, fresh) == 0) {
+        for (uint32_t k = 0; k < npromote; k++) {
+            uint32_t i = promote[k];
+            mg->pages[first + i] = fresh[k];
+            target[i] = fresh[k];
+            act[i] = A_PROMOTE;
+            todo++;
+        }
+    } else {
+        npromote = 0;                        /* store full: just don't promote */
+    }
+    ds_unlock(s);
+    if (!todo) return 0;
+
+    int reserved = npromote == 0 || ds_pool_reserve(s, fresh, npromote) == 0;
+
+    /* write-protect the batch: writers wait in the fault handler */
+    uintptr_t lo = (uintptr_t)base, hi = lo + (uint64_t)n * DS_PAGE_SIZE;
+    int slot = busy_set(lo, hi);
+    mprotect(base, (uint64_t)n * DS_PAGE_SIZE, PROT_READ);
+    uint8_t ok[BATCH];
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *pg = base + (uint64_t)i * DS_PAGE_SIZE;
+        ok[i] = 0;
+        if (act[i] == A_MERGE) {
+            ok[i] = memcmp(pg, DS_POOL_RO(s, target[i]), DS_PAGE_SIZE) == 0;
+        } else if (act[i] == A_PROMOTE && reserved) {
+            ds_copy_page(DS_POOL_RW(s, target[i]), pg);
+            ok[i] = 1;
+        } else if (act[i] == A_ZERO) {
+            if (ds_page_is_zero(pg) && madvise(pg, DS_PAGE_SIZE, MADV_DONTNEED) == 0) st->zeroed++;
+        }
+    }
+    ds_copy_done();
+    /* promoted pages go public; a page someone published meanwhile wins */
+    if (npromote && reserved && ds_lock(s) == 0) {
+        for (uint32_t i = 0; i < n; i++) {
+            if (act[i] != A_PROMOTE || !ok[i]) continue;
+            uint32_t other = ds_page_find(s, fps[i], DS_POOL_RO(s, target[i]));
+            if (other != DS_NIL) {
+                ds_page_incref(s, other);
+                mg->pages[first + i] = other;
+                ds_page_decref(s, target[i]);
+                target[i] = other;
+                act[i] = A_MERGE;
+            } else {
+                ds_page_publish(s, target[i], fps[i]);
+            }
+        }
+        ds_unlock(s);
+    }
+    /* map runs of consecutive pool pages */
+    for (uint32_t i = 0; i < n;) {
+        if (!ok[i]) { i++; continue; }
+        uint32_t j = i + 1;
+        while (j < n && ok[j] && target[j] == target[j - 1] + 1) j++;
+        uint32_t p = first + i;
+        int extends = p > 0 && r->merged[p - 1] != DS_ZERO && r->merged[p - 1] + 1 == target[i];
+        if (!extends && m->vmas + 2 > m->vma_budget && j - i < 16) {
+            for (uint32_t k = i; k < j; k++) ok[k] = 0;       /* budget spent: no fragments */
+        } else if (mmap(base + (uint64_t)i * DS_PAGE_SIZE, (uint64_t)(j - i) * DS_PAGE_SIZE,
+                        PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, s->pool_fd,
+                        (off_t)target[i] * DS_PAGE_SIZE) == MAP_FAILED) {
+            for (uint32_t k = i; k < j; k++) ok[k] = 0;
+        } else if (!extends) {
+            m->vmas += 2;
+        }
+        i = j;
+    }
+    mprotect(base, (uint64_t)n * DS_PAGE_SIZE, PROT_READ | PROT_WRITE);
+    busy_clear(slot);
+
+    /* bookkeeping: failed merges give their reference back */
+    rc = ds_lock(s);
+    if (rc) return rc;
+    mg = (ds_pending *)DS_CHUNK(s, r->chunk);
+    me = DS_CLIENT(s, s->slot);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t p = first + i;
+        if (act[i] != A_MERGE && act[i] != A_PROMOTE) continue;
+        if (ok[i]) {
+            r->merged[p] = target[i];
+            r->age[p] = 0;
+            me->merged_pages++;
+            st->merged++;
+            if (act[i] == A_PROMOTE) st->promoted++;
+        } else {
+            mg->pages[p] = DS_ZERO;
+            ds_page_decref(s, target[i]);
+        }
+    }
+    ds_unlock(s);
+    return 0;
+}
+
+int ds_merge_scan(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
+    memset(out, 0, sizeof *out);
+    struct ds_merger *m = s->merger;
+    if (!m) return 0;
+    uint64_t t0 = thread_cpu_ns();
+    batchstat st = {0};
+    int rc = 0;
+    pthread_mutex_lock(&m->mu);
+    uint64_t total = 0;
+    for (region *r = m->head; r; r = r->next) total += r->npages;
+    out->total_pages = total;
+    if (max_pages == 0) max_pages = total;   /* one full pass */
+    uint64_t budget = max_pages;
+    while (budget > 0 && m->head) {
+        if (!m->cur) {
+            m->cur = m->head;
+            m->cur_page = 0;
+        }
+        region *r = m->cur;
+        if (r->chunk && m->cur_page < r->npages) {
+            uint32_t n = r->npages - m->cur_page;
+            if (n > BATCH) n = BATCH;
+            if (n > budget) n = (uint32_t)budget;
+            rc = scan_batch(s, m, r, m->cur_page, n, &st);
+            if (rc) break;
+            m->cur_page += n;
+            budget -= n;
+            out->visited += n;
+        }
+        if (m->cur_page >= r->npages || !r->chunk) {
+            m->cur = r->next;
+            m->cur_page = 0;
+            if (!m->cur) {                   /* end of a pass */
+                m->pass++;
+                out->passes++;
+                if (ds_lock(s) == 0) {
+                    ds_client *me = DS_CLIENT(s, s->slot);
+                    me->volatile_pages = m->pass_volatile;
+                    me->unshared_pages = m->pass_unshared;
+                    s->hdr->full_scans++;
+                    ds_unlock(s);
+                }
+                m->pass_volatile = m->pass_unshared = 0;
+            }
+        }
+    }
+    pthread_mutex_unlock(&m->mu);
+    out->scanned = st.scanned;
+    out->merged = st.merged;
+    out->unmerged = st.unmerged;
+    out->promoted = st.promoted;
+    out->zeroed = st.zeroed;
+    out->skipped = st.skipped;
+    uint64_t cpu = thread_cpu_ns() - t0;
+    out->cpu_ns = cpu;
+    if (ds_lock(s) == 0) {
+        s->hdr->pages_scanned += st.scanned;
+        s->hdr->merger_cpu_ns += cpu;
+        ds_unlock(s);
+    }
+    return rc;
+}

@@ -1,0 +1,116 @@
+"""The background merger: ksmd-style dedup of this process's mergeable memory.
+
+Each process that uses :meth:`Store.mergeable` memory runs its own merger
+thread (only a process can remap its own pages); the mergers of different
+processes meet in the store's shared content table.  The scan itself runs
+in C without the GIL.  See csrc/merger.c for the algorithm.
+"""
+import threading
+import time
+
+#: ksmd-like defaults; the advisor (target_scan_s, max_cpu) is on by default.
+DEFAULT_SLEEP_MS = 20
+DEFAULT_TARGET_SCAN_S = 0.2
+DEFAULT_MAX_CPU = 0.25
+#: Share of vm.max_map_count the merger may use for the mappings it creates.
+DEFAULT_VMA_SHARE = 0.25
+
+
+def _max_map_count():
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+class Merger:
+    """Control of this process's merger for one store.
+
+    ``start(pages_to_scan=..., sleep_ms=...)`` paces it like ksmd (pages per
+    wake-up, sleep between).  With ``target_scan_s`` (the default mode) an
+    advisor picks pages_to_scan so that a full pass over this process's
+    mergeable memory takes about that long, without using more than
+    ``max_cpu`` of one core.  ``scan()`` runs one full pass now and returns
+    the number of pages it merged."""
+
+    def __init__(self, store):
+        self._store = store
+        self._thread = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.last = {}
+        core = store._c()
+        core.merger_config(max(64, int(_max_map_count() * DEFAULT_VMA_SHARE)))
+
+    @property
+    def running(self):
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def scan(self):
+        """One full synchronous pass; returns the pages merged by it."""
+        info = self._store._c().merge_scan(0)
+        self.last = info
+        return info["merged"]
+
+    def start(self, pages_to_scan=None, sleep_ms=None, target_scan_s=None, max_cpu=None):
+        """Start the background thread (idempotent: restarts with new pacing)."""
+        if pages_to_scan is not None and (not isinstance(pages_to_scan, int) or pages_to_scan <= 0):
+            raise ValueError("pages_to_scan must be a positive int")
+        sleep_ms = DEFAULT_SLEEP_MS if sleep_ms is None else sleep_ms
+        if sleep_ms < 0:
+            raise ValueError("sleep_ms must be >= 0")
+        if pages_to_scan is None and target_scan_s is None:
+            target_scan_s = DEFAULT_TARGET_SCAN_S
+        if target_scan_s is not None and target_scan_s <= 0:
+            raise ValueError("target_scan_s must be > 0")
+        max_cpu = DEFAULT_MAX_CPU if max_cpu is None else max_cpu
+        if not 0 < max_cpu <= 1:
+            raise ValueError("max_cpu must be in (0, 1]")
+        self.stop()
+        self._stop = threading.Event()
+        args = (pages_to_scan, sleep_ms / 1000.0, target_scan_s, max_cpu, self._stop)
+        self._thread = threading.Thread(target=self._run, args=args, name="dedupshm-merger", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        t = self._thread
+        if t is None:
+            return
+        self._stop.set()
+        if t is not threading.current_thread():
+            t.join()
+        self._thread = None
+
+    def _run(self, pages_to_scan, sleep_s, target_scan_s, max_cpu, stop):
+        core = self._store._core
+        if core is None:
+            return
+        cpu_per_page = 1e-6            # seconds; learned as we go
+        total = 0
+        n = pages_to_scan or 256
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                info = core.merge_scan(n)
+            except Exception:  # noqa: BLE001 - store gone; the thread ends
+                return
+            self.last = info
+            total = info["total_pages"]
+            if info["visited"]:
+                cpu_per_page = 0.8 * cpu_per_page + 0.2 * (info["cpu_ns"] / 1e9 / info["visited"])
+            busy = time.perf_counter() - t0
+            if target_scan_s is not None:
+                # pages per second to finish a pass in target_scan_s ...
+                rate = total / target_scan_s if total else 0
+                # ... but no more than max_cpu of a core
+                rate = min(rate, max_cpu / max(cpu_per_page, 1e-9))
+                n = max(64, int(rate * max(sleep_s, 0.001)))
+                # sleep so that busy / (busy + sleep) <= max_cpu
+                pause = max(sleep_s, busy * (1 - max_cpu) / max_cpu)
+            else:
+                pause = sleep_s
+            if not total:
+                pause = max(pause, 0.1)
+            stop.wait(pause)
