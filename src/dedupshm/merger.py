@@ -40,8 +40,21 @@ class Merger:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.last = {}
-        core = store._c()
-        core.merger_config(max(64, int(_max_map_count() * DEFAULT_VMA_SHARE)))
+        self._vma_budget = None
+        self.vma_budget = max(64, int(_max_map_count() * DEFAULT_VMA_SHARE))
+
+    @property
+    def vma_budget(self):
+        """Most memory mappings (VMAs) the merger may add to this process;
+        past it, only runs of 16+ contiguous pages are merged."""
+        return self._vma_budget
+
+    @vma_budget.setter
+    def vma_budget(self, n):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError("vma_budget must be an int >= 0")
+        self._store._c().merger_config(n)
+        self._vma_budget = n
 
     @property
     def running(self):
