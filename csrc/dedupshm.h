@@ -229,6 +229,9 @@ int ds_mergeable_free(ds_store *s, uint8_t *addr);
 /* Walk up to max_pages pages (0: one full pass) from where the last call
  * stopped.  Takes only this process's merger lock and hdr->lock. */
 int ds_merge_scan(ds_store *s, uint64_t max_pages, ds_scaninfo *out);
+/* "userfaultfd" or "mprotect": how pages are write-protected while they
+ * are compared and remapped (see merger.c). */
+const char *ds_merger_wp_mode(void);
 /* Most mappings the merger may create in this process. */
 int ds_merger_config(ds_store *s, uint32_t vma_budget);
 

@@ -37,9 +37,11 @@
  * waits for the merge to finish and returns, and the write is retried on
  * the new mapping: it is not lost.  Faults outside our pages go to the
  * handler that was installed before ours (pytest's faulthandler, say).
- * Documented limit of this fallback: a system call that writes into a
- * page during its merge window (read(2)/recv(2) into the buffer) fails
- * with EFAULT instead of waiting.
+ * Where userfaultfd write-protection is available the batch is protected
+ * with it instead, and even writes the kernel makes on our behalf
+ * (read(2)/recv(2) into the buffer) wait and complete.  Without it (the
+ * mprotect fallback) such a system call that hits a page during its merge
+ * window -- tens of microseconds -- fails with EFAULT instead of waiting.
  *
  * References.  Each region has a MERGE chunk in the shared heap listing
  * the pool page each of its pages is mapped onto; each entry holds one
@@ -60,7 +62,11 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include "layout.h"
@@ -77,6 +83,7 @@ typedef struct region {
     uint64_t *lastfp;        /* fingerprint at the last look (0: none) */
     uint32_t *merged;        /* pool page we are mapped onto, DS_ZERO if none */
     uint8_t *age;            /* smart scan back-off */
+    uint8_t *uffd;           /* page's mapping is registered for userfaultfd WP */
     struct region *next;
 } region;
 
@@ -168,6 +175,104 @@ static void region_table_del(uintptr_t lo) {
     }
 }
 
+/* ---- userfaultfd write-protection (the fast path) ----
+ * With it, a write to a page being merged -- by a thread of ours or by the
+ * kernel on our behalf (read(2) into the buffer) -- sleeps in the kernel
+ * until our fault thread wakes it after the merge; nothing fails.  Each
+ * new mapping onto the pool is registered too (tmpfs write-protection).
+ * Pages whose mapping could not be registered, and processes where
+ * userfaultfd is unavailable (containers, no privilege) or disabled
+ * (DEDUPSHM_NO_UFFD=1), use mprotect and the SIGSEGV handler. */
+static int g_uffd = -1;
+static pid_t g_uffd_pid;
+static int g_uffd_off;
+
+static void *uffd_thread(void *arg) {
+    int fd = (int)(intptr_t)arg;
+    struct pollfd pfd = {fd, POLLIN, 0};
+    for (;;) {
+        if (poll(&pfd, 1, -1) < 0) {
+            if (errno == EINTR) continue;
+            return NULL;
+        }
+        struct uffd_msg msg;
+        ssize_t got = read(fd, &msg, sizeof msg);
+        if (got != (ssize_t)sizeof msg) {
+            if (got < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+            return NULL;
+        }
+        if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
+        uintptr_t a = (uintptr_t)msg.arg.pagefault.address & ~(uintptr_t)(DS_PAGE_SIZE - 1);
+        while (addr_busy(a)) sched_yield();
+        struct uffdio_range rg = {a, DS_PAGE_SIZE};
+        ioctl(fd, UFFDIO_WAKE, &rg);
+    }
+}
+
+/* g_global_mu held */
+static int uffd_ready(void) {
+    if (g_uffd >= 0 && g_uffd_pid == getpid()) return 1;
+    if (g_uffd >= 0) { close(g_uffd); g_uffd = -1; }      /* inherited over fork */
+    if (g_uffd_off) return 0;
+    const char *env = getenv("DEDUPSHM_NO_UFFD");
+    if (env && *env && *env != '0') { g_uffd_off = 1; return 0; }
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) { g_uffd_off = 1; return 0; }
+    struct uffdio_api api = {.api = UFFD_API,
+                             .features = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM};
+    pthread_t th;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    int ok = ioctl(fd, UFFDIO_API, &api) == 0 && (api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP) &&
+             pthread_create(&th, &at, uffd_thread, (void *)(intptr_t)fd) == 0;
+    pthread_attr_destroy(&at);
+    if (!ok) { close(fd); g_uffd_off = 1; return 0; }
+    g_uffd = fd;
+    g_uffd_pid = getpid();
+    return 1;
+}
+
+static int uffd_register(uint8_t *va, uint64_t len) {
+    pthread_mutex_lock(&g_global_mu);
+    int ok = uffd_ready();
+    pthread_mutex_unlock(&g_global_mu);
+    if (!ok || !len) return 0;
+    struct uffdio_register reg = {.range = {(uintptr_t)va, len}, .mode = UFFDIO_REGISTER_MODE_WP};
+    return ioctl(g_uffd, UFFDIO_REGISTER, &reg) == 0;
+}
+
+const char *ds_merger_wp_mode(void) {
+    pthread_mutex_lock(&g_global_mu);
+    int ok = uffd_ready();
+    pthread_mutex_unlock(&g_global_mu);
+    return ok ? "userfaultfd" : "mprotect";
+}
+
+/* Write-protect (on=1) or release (on=0) pages [p, p+k) of r. */
+static void wp_run(region *r, uint32_t p, uint32_t k, int on) {
+    uint8_t *a = r->addr + (uint64_t)p * DS_PAGE_SIZE;
+    uint64_t len = (uint64_t)k * DS_PAGE_SIZE;
+    if (r->uffd[p]) {
+        struct uffdio_writeprotect wp = {.range = {(uintptr_t)a, len},
+                                         .mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0};
+        if (ioctl(g_uffd, UFFDIO_WRITEPROTECT, &wp) == 0) return;
+    }
+    mprotect(a, len, on ? PROT_READ : PROT_READ | PROT_WRITE);
+}
+
+/* Apply wp_run to maximal runs of pages with sel[i] set, splitting where
+ * the protection mechanism changes. */
+static void wp_batch(region *r, uint32_t first, uint32_t n, const uint8_t *sel, int on) {
+    for (uint32_t i = 0; i < n;) {
+        if (!sel[i]) { i++; continue; }
+        uint32_t j = i + 1;
+        while (j < n && sel[j] && r->uffd[first + j] == r->uffd[first + i]) j++;
+        wp_run(r, first + i, j - i, on);
+        i = j;
+    }
+}
+
 static int busy_set(uintptr_t lo, uintptr_t hi) {
     for (;;) {
         for (int i = 0; i < MAX_BUSY; i++) {
@@ -221,13 +326,15 @@ int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
     r->lastfp = calloc(n, 8);
     r->merged = malloc(4ull * n);
     r->age = calloc(n, 1);
+    r->uffd = calloc(n, 1);
     void *va = mmap(NULL, n64 * DS_PAGE_SIZE, PROT_READ | PROT_WRITE,
                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (!r->lastfp || !r->merged || !r->age || va == MAP_FAILED) {
+    if (!r->lastfp || !r->merged || !r->age || !r->uffd || va == MAP_FAILED) {
         rc = va == MAP_FAILED ? errno : ENOMEM;
         goto fail;
     }
     r->addr = va;
+    memset(r->uffd, uffd_register(va, n64 * DS_PAGE_SIZE), n);
     for (uint32_t i = 0; i < n; i++) r->merged[i] = DS_ZERO;
     rc = ds_lock(s);
     if (rc) goto fail;
@@ -256,7 +363,7 @@ int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
     return 0;
 fail:
     if (va != MAP_FAILED && va) munmap(va, n64 * DS_PAGE_SIZE);
-    free(r->lastfp); free(r->merged); free(r->age); free(r);
+    free(r->lastfp); free(r->merged); free(r->age); free(r->uffd); free(r);
     return rc;
 }
 
@@ -279,7 +386,7 @@ static void region_destroy(ds_store *s, struct ds_merger *m, region *r, int rele
     region_table_del((uintptr_t)r->addr);
     pthread_mutex_unlock(&g_global_mu);
     munmap(r->addr, (uint64_t)r->npages * DS_PAGE_SIZE);
-    free(r->lastfp); free(r->merged); free(r->age); free(r);
+    free(r->lastfp); free(r->merged); free(r->age); free(r->uffd); free(r);
 }
 
 int ds_mergeable_free(ds_store *s, uint8_t *addr) {
@@ -328,6 +435,7 @@ void ds_merger_after_fork(ds_store *s) {
     m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     uint64_t merged = 0;
     for (region *r = m->head; r; r = r->next) {
+        memset(r->uffd, 0, r->npages);   /* registration stayed with the parent's address space */
         uint32_t id = ds_chunk_alloc(s, sizeof(ds_pending) + 4ull * r->npages, DS_K_MERGE);
         if (!id) {   /* no room: forget merges (pages stay mapped, unreferenced) */
             r->chunk = 0;
@@ -469,7 +577,9 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
     /* write-protect the batch: writers wait in the fault handler */
     uintptr_t lo = (uintptr_t)base, hi = lo + (uint64_t)n * DS_PAGE_SIZE;
     int slot = busy_set(lo, hi);
-    mprotect(base, (uint64_t)n * DS_PAGE_SIZE, PROT_READ);
+    uint8_t sel[BATCH];
+    for (uint32_t i = 0; i < n; i++) sel[i] = act[i] != A_NONE;
+    wp_batch(r, first, n, sel, 1);
     uint8_t ok[BATCH];
     for (uint32_t i = 0; i < n; i++) {
         uint8_t *pg = base + (uint64_t)i * DS_PAGE_SIZE;
@@ -514,12 +624,18 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
                         PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, s->pool_fd,
                         (off_t)target[i] * DS_PAGE_SIZE) == MAP_FAILED) {
             for (uint32_t k = i; k < j; k++) ok[k] = 0;
-        } else if (!extends) {
-            m->vmas += 2;
+        } else {
+            if (!extends) m->vmas += 2;
+            uint8_t reg = (uint8_t)uffd_register(base + (uint64_t)i * DS_PAGE_SIZE,
+                                                 (uint64_t)(j - i) * DS_PAGE_SIZE);
+            for (uint32_t k = i; k < j; k++) {
+                sel[k] = 0;                  /* a fresh writable mapping now */
+                r->uffd[first + k] = reg;
+            }
         }
         i = j;
     }
-    mprotect(base, (uint64_t)n * DS_PAGE_SIZE, PROT_READ | PROT_WRITE);
+    wp_batch(r, first, n, sel, 0);
     busy_clear(slot);
 
     /* bookkeeping: failed merges give their reference back */

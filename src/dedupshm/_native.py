@@ -42,6 +42,12 @@ def check(rc, what=""):
     raise _ERRORS.get(rc, errors.DedupShmError)(msg)
 
 
+def merger_wp_mode():
+    """How the merger write-protects pages it merges: "userfaultfd" (kernel
+    writes wait too) or "mprotect" (the fallback; see csrc/merger.c)."""
+    return ffi.string(lib.ds_merger_wp_mode()).decode()
+
+
 def hash_impl():
     """Name of the fingerprint kernel in use ("avx2" or "scalar")."""
     return ffi.string(lib.ds_hash_impl()).decode()

@@ -8,6 +8,8 @@ in C without the GIL.  See csrc/merger.c for the algorithm.
 import threading
 import time
 
+from ._native import merger_wp_mode as wp_mode  # noqa: F401 - public
+
 #: ksmd-like defaults; the advisor (target_scan_s, max_cpu) is on by default.
 DEFAULT_SLEEP_MS = 20
 DEFAULT_TARGET_SCAN_S = 0.2
