@@ -246,8 +246,9 @@ def test_kernel_writes_during_merges_complete(store):
     assert (arr == base).all()
     if wp_mode() == "userfaultfd":
         assert not failures, failures[:3]
-    else:   # the documented fallback: EFAULT, never a lost or torn write
-        assert all(isinstance(e, OSError) and e.errno == 14 for e in failures), failures[:3]
+    else:   # the documented fallback: EFAULT or a short read, reported, never silent
+        assert all((isinstance(e, OSError) and e.errno == 14) or e[0] == "short"
+                   for e in failures), failures[:3]
 
 
 def test_merger_thread_start_stop(make_store, store_name):
