@@ -24,7 +24,7 @@
 #define LH_INIT_LEVEL 6
 #define LH_LOAD 2
 #define PUNCH_MIN (64u * 1024u)
-#define HEAP_BACK_STEP (1u << 20)
+#define HEAP_BACK_STEP (64u << 10)
 
 static uint64_t g_cls_units[DS_NCLASSES];
 

@@ -264,6 +264,8 @@ void ds_lh_reset(ds_store *s, ds_lhash *t);
 extern const ds_lhops ds_pages_ops, ds_chunk_ops;
 /* pool.c */
 int  ds_pages_alloc(ds_store *s, uint32_t n, uint32_t *out);
+int  ds_pages_alloc_at(ds_store *s, uint32_t n, uint32_t *out, uint32_t *cursor);
+uint32_t ds_page_candidate(ds_store *s, uint64_t fp);
 void ds_page_incref(ds_store *s, uint32_t page);
 void ds_page_decref(ds_store *s, uint32_t page);
 uint32_t ds_page_find(ds_store *s, uint64_t fp, const void *bytes);

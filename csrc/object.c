@@ -332,14 +332,25 @@ typedef struct put_job {
     const srcpage *src;
     uint32_t *pages;           /* out: final page of each value page */
     uint32_t lo, hi;
+    uint32_t cursor;           /* where this thread allocates next */
     int rc;
 } put_job;
+
+/* Lock held: give each listed page a fresh pool page (recorded in the
+ * pending list).  0 or DS_EFULL. */
+static int alloc_fresh(put_job *j, ds_pending *pd, uint32_t c, const uint32_t *idx,
+                       uint32_t k, uint32_t *fresh) {
+    int rc = ds_pages_alloc_at(j->s, k, fresh, &j->cursor);
+    if (rc == 0)
+        for (uint32_t x = 0; x < k; x++) pd->pages[c + idx[x]] = j->pages[c + idx[x]] = fresh[x];
+    return rc;
+}
 
 static void *put_range(void *arg) {
     put_job *j = arg;
     ds_store *s = j->s;
     uint64_t fps[PUT_CHUNK];
-    uint32_t fresh[PUT_CHUNK], missidx[PUT_CHUNK];
+    uint32_t fresh[PUT_CHUNK], missidx[PUT_CHUNK], candidx[PUT_CHUNK], falseidx[PUT_CHUNK];
     uint8_t zero[PUT_CHUNK];
     for (uint32_t c = j->lo; c < j->hi; c += PUT_CHUNK) {
         uint32_t e = c + PUT_CHUNK < j->hi ? c + PUT_CHUNK : j->hi, m = e - c;
@@ -348,37 +359,60 @@ static void *put_range(void *arg) {
             zero[i] = (uint8_t)ds_page_is_zero(p);
             if (!zero[i]) fps[i] = ds_hash_bytes(s, p, DS_PAGE_SIZE);
         }
+        /* lock: take a reference on each fingerprint match; fresh pages for the rest */
         int rc = ds_lock(s);
         if (rc) { j->rc = rc; return NULL; }
         ds_pending *pd = (ds_pending *)DS_CHUNK(s, j->pend);
-        uint32_t nmiss = 0;
+        uint32_t nmiss = 0, ncand = 0;
         for (uint32_t i = 0; i < m; i++) {
             if (zero[i]) { j->pages[c + i] = DS_ZERO; continue; }
-            uint32_t hit = j->dedup ? ds_page_find(s, fps[i], j->src[c + i].p) : DS_NIL;
-            if (hit != DS_NIL) {
-                ds_page_incref(s, hit);
-                pd->pages[c + i] = j->pages[c + i] = hit;
+            uint32_t cand = j->dedup ? ds_page_candidate(s, fps[i]) : DS_NIL;
+            if (cand != DS_NIL) {
+                ds_page_incref(s, cand);
+                pd->pages[c + i] = j->pages[c + i] = cand;
+                candidx[ncand++] = i;
             } else {
                 missidx[nmiss++] = i;
             }
         }
-        rc = ds_pages_alloc(s, nmiss, fresh);
-        if (rc == 0)
-            for (uint32_t k = 0; k < nmiss; k++)
-                pd->pages[c + missidx[k]] = j->pages[c + missidx[k]] = fresh[k];
+        rc = alloc_fresh(j, pd, c, missidx, nmiss, fresh);
         ds_unlock(s);
-        if (rc == 0) rc = ds_pool_reserve(s, fresh, nmiss);
+        if (rc) { j->rc = rc; return NULL; }
+        /* no lock: verify every match byte for byte (the pages are ours to
+         * read: we hold references and published pages never change) */
+        uint32_t nfalse = 0;
+        for (uint32_t k = 0; k < ncand; k++) {
+            uint32_t i = candidx[k];
+            if (memcmp(DS_POOL_RO(s, j->pages[c + i]), j->src[c + i].p, DS_PAGE_SIZE) != 0)
+                falseidx[nfalse++] = i;
+        }
+        if (nfalse) {                     /* a fingerprint collision: give it back */
+            rc = ds_lock(s);
+            if (rc) { j->rc = rc; return NULL; }
+            pd = (ds_pending *)DS_CHUNK(s, j->pend);
+            for (uint32_t k = 0; k < nfalse; k++) {
+                uint32_t i = falseidx[k];
+                ds_page_decref(s, j->pages[c + i]);
+                pd->pages[c + i] = j->pages[c + i] = DS_ZERO;
+            }
+            rc = alloc_fresh(j, pd, c, falseidx, nfalse, fresh + nmiss);
+            ds_unlock(s);
+            if (rc) { j->rc = rc; return NULL; }
+            for (uint32_t k = 0; k < nfalse; k++) missidx[nmiss++] = falseidx[k];
+        }
+        rc = ds_pool_reserve(s, fresh, nmiss);
         if (rc) { j->rc = rc; return NULL; }
         for (uint32_t k = 0; k < nmiss; k++)
             ds_copy_page(DS_POOL_RW(s, fresh[k]), j->src[c + missidx[k]].p);
         ds_copy_done();
         if (!j->dedup || nmiss == 0) continue;
+        /* lock: publish, unless a racer (or an earlier page of this value)
+         * published the same bytes meanwhile */
         rc = ds_lock(s);
         if (rc) { j->rc = rc; return NULL; }
         pd = (ds_pending *)DS_CHUNK(s, j->pend);
         for (uint32_t k = 0; k < nmiss; k++) {
             uint32_t i = missidx[k];
-            /* a racer (or an earlier page of this value) may hold the same bytes */
             uint32_t other = ds_page_find(s, fps[i], j->src[c + i].p);
             if (other != DS_NIL) {
                 ds_page_incref(s, other);
@@ -450,16 +484,20 @@ static int put_large(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
     for (uint32_t i = 0; i < n; i++) pd->pages[i] = DS_ZERO;
     o->blob = pend;
     uint64_t mygen = o->gen;
+    uint32_t hint = h->alloc_hint;
     ds_unlock(s);
 
-    /* fingerprint, look up, copy: two threads for large values */
-    put_job jobs[2] = {{s, pend, dedup, src, pages, 0, n, 0}, {s, pend, dedup, src, pages, n, n, 0}};
+    /* fingerprint, look up, copy: two threads for large values, each
+     * allocating from its own part of the pool so the value stays one run */
+    put_job jobs[2] = {{s, pend, dedup, src, pages, 0, n, hint, 0},
+                       {s, pend, dedup, src, pages, n, n, hint, 0}};
     pthread_t th;
     int threaded = 0;
     if (n >= PUT_THREAD_MIN) {
         uint32_t mid = (n / 2 + PUT_CHUNK - 1) / PUT_CHUNK * PUT_CHUNK;
         jobs[0].hi = mid;
         jobs[1].lo = mid;
+        jobs[1].cursor = hint + mid;
         threaded = pthread_create(&th, NULL, put_range, &jobs[1]) == 0;
         if (!threaded) jobs[0].hi = n;
     }

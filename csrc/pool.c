@@ -24,7 +24,7 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
-#define PMETA_BACK_STEP (1u << 20)
+#define PMETA_BACK_STEP (64u << 10)
 
 static uint64_t *bm_used(ds_store *s) { return (uint64_t *)(s->ix + s->hdr->used_off); }
 static uint64_t *bm_backed(ds_store *s) { return (uint64_t *)(s->ix + s->hdr->backed_off); }
@@ -50,6 +50,13 @@ int ds_pmeta_ensure(ds_store *s, uint32_t page) {
  * compact).  Each gets refcnt 1 and is private (DS_UNHASHED).  Counts
  * against capacity.  Returns 0 or DS_EFULL with nothing changed. */
 int ds_pages_alloc(ds_store *s, uint32_t n, uint32_t *out) {
+    return ds_pages_alloc_at(s, n, out, NULL);
+}
+
+/* Same, scanning from *cursor (if given and above the lowest free page),
+ * and leaving *cursor after the last page taken: a caller that allocates
+ * in pieces gets contiguous runs, also when two threads share a value. */
+int ds_pages_alloc_at(ds_store *s, uint32_t n, uint32_t *out, uint32_t *cursor) {
     ds_header *h = s->hdr;
     if (n == 0) return 0;
     if ((h->pages_used + n) * DS_PAGE_SIZE + h->small_bytes > h->capacity ||
@@ -57,6 +64,9 @@ int ds_pages_alloc(ds_store *s, uint32_t n, uint32_t *out) {
         return DS_EFULL;
     uint64_t *used = bm_used(s);
     uint32_t got = 0, pg = h->alloc_hint;
+    int from_hint = 1;
+    if (cursor && *cursor > pg && *cursor < h->cap_pages) { pg = *cursor; from_hint = 0; }
+    uint32_t start = pg;
     uint32_t words = (h->cap_pages + 63) / 64;
     for (uint32_t w = pg >> 6; w < words && got < n; w++) {
         uint64_t v = used[w];
@@ -67,8 +77,22 @@ int ds_pages_alloc(ds_store *s, uint32_t n, uint32_t *out) {
             if (!((v >> b) & 1)) out[got++] = p;
         }
     }
+    if (got < n && !from_hint) {            /* wrap: take what is below the cursor */
+        pg = h->alloc_hint;
+        for (uint32_t w = pg >> 6; w <= (start >> 6) && got < n; w++) {
+            uint64_t v = used[w];
+            if (v == ~0ULL) continue;
+            for (uint32_t b = (w == (pg >> 6)) ? (pg & 63) : 0; b < 64 && got < n; b++) {
+                uint32_t q = w * 64 + b;
+                if (q >= start) break;
+                if (!((v >> b) & 1)) out[got++] = q;
+            }
+        }
+    }
     if (got < n) return DS_EFULL;  /* cannot happen if counters are right */
-    if (ds_pmeta_ensure(s, out[n - 1]) != 0) return DS_EFULL;
+    uint32_t maxp = 0;
+    for (uint32_t i = 0; i < n; i++) if (out[i] > maxp) maxp = out[i];
+    if (ds_pmeta_ensure(s, maxp) != 0) return DS_EFULL;
     uint64_t *backed = bm_backed(s);
     for (uint32_t i = 0; i < n; i++) {
         uint32_t p = out[i];
@@ -80,8 +104,11 @@ int ds_pages_alloc(ds_store *s, uint32_t n, uint32_t *out) {
         m->fp = 0;
     }
     h->pages_used += n;
-    h->alloc_hint = out[n - 1] + 1;
-    if (out[n - 1] + 1 > h->page_hwm) h->page_hwm = out[n - 1] + 1;
+    uint32_t top = 0;
+    for (uint32_t i = 0; i < n; i++) if (out[i] + 1 > top) top = out[i] + 1;
+    if (from_hint) h->alloc_hint = out[n - 1] + 1;   /* everything below is used */
+    if (top > h->page_hwm) h->page_hwm = top;
+    if (cursor) *cursor = out[n - 1] + 1;
     return 0;
 }
 
@@ -154,6 +181,19 @@ uint32_t ds_page_find(ds_store *s, uint64_t fp, const void *bytes) {
         if (m->fp == fp32 && m->refcnt > 0 &&
             memcmp(DS_POOL_RO(s, p), bytes, DS_PAGE_SIZE) == 0)
             return p;
+    }
+    return DS_NIL;
+}
+
+/* A published page with this fingerprint, bytes NOT compared: the caller
+ * takes a reference, compares outside the lock and gives it back if the
+ * bytes differ.  DS_NIL if none. */
+uint32_t ds_page_candidate(ds_store *s, uint64_t fp) {
+    uint32_t fp32 = (uint32_t)fp;
+    for (uint32_t p = ds_lh_first(s, &s->hdr->pages_ix, fp32); p != DS_NIL;
+         p = DS_PMETA(s, p)->next) {
+        ds_pmeta *m = DS_PMETA(s, p);
+        if (m->fp == fp32 && m->refcnt > 0) return p;
     }
     return DS_NIL;
 }

@@ -239,12 +239,15 @@ class Core:
         the buffers keep the pin until they are all released."""
         vi = _scratch.vi
         check(lib.ds_view(self._s, obj, gen, int(writable), vi), "view")
-        desc = bytes(ffi.buffer(vi.desc, vi.desclen))
+        desc = ffi.unpack(ffi.cast("char *", vi.desc), vi.desclen)
         size = vi.size
         map_len = vi.map_len
 
-        if vi.small and writable:
-            base = memoryview(bytearray(ffi.buffer(vi.data, size)))
+        if vi.small:
+            # a packed small value (<= DS_SMALL_MAX bytes): copying it is
+            # cheaper than pinning and mapping, and the copy is as immutable
+            raw = ffi.unpack(ffi.cast("char *", vi.data), size)
+            base = memoryview(bytearray(raw) if writable else raw)
             self.unpin(obj, gen)
         else:
             def release(p, core=self):
@@ -256,8 +259,10 @@ class Core:
             base = memoryview(ffi.buffer(holder, size))
             if not writable:
                 base = base.toreadonly()
-        bufs = [base[vi.bufs[2 * i]: vi.bufs[2 * i] + vi.bufs[2 * i + 1]] for i in range(vi.nbufs)]
-        return desc, bufs
+        if vi.nbufs == 1 and vi.bufs[0] == 0 and vi.bufs[1] == size:
+            return desc, [base]
+        tab = ffi.unpack(vi.bufs, 2 * vi.nbufs)
+        return desc, [base[tab[2 * i]: tab[2 * i] + tab[2 * i + 1]] for i in range(vi.nbufs)]
 
     def delete_key(self, key):
         check(lib.ds_delete_key(self._s, key, len(key)), "delete")

@@ -67,6 +67,8 @@ def encode(value):
 
 def decode(desc_bytes, buffers):
     """Rebuild a value from its descriptor and buffers (memoryviews)."""
+    if desc_bytes == BYTES_DESC:
+        return buffers[0]
     desc = msgpack.unpackb(desc_bytes, raw=False)
     kind = desc["k"]
     if kind == "nd":
