@@ -3,7 +3,7 @@
     python benchmarks/run_all.py            full run (< 10 min)
     python benchmarks/run_all.py --quick    smoke run for CI (< 60 s)
     options: --json [PATH]  write results (default benchmarks/results.json)
-             --only NAME..  run some (memory fingerprint small put get)
+             --only NAME..  run some (memory merger fingerprint small put get)
              --no-ray       skip the Ray peer
              --strict       exit 1 when a target is missed
 
@@ -27,19 +27,20 @@ if HERE not in sys.path:
 
 import _common  # noqa: E402
 
-# memory first: it reads the machine-wide Shmem counter, best before Ray's
-# object store exists
-ORDER = ["memory", "fingerprint", "small", "put", "get"]
+# memory and merger first: they read the machine-wide Shmem counter, best
+# before Ray's object store exists
+ORDER = ["memory", "merger", "fingerprint", "small", "put", "get"]
 
 
 def _modules():
     import bench_fingerprint
     import bench_get
     import bench_memory
+    import bench_merger
     import bench_put
     import bench_small
-    return {"memory": bench_memory, "fingerprint": bench_fingerprint, "small": bench_small,
-            "put": bench_put, "get": bench_get}
+    return {"memory": bench_memory, "merger": bench_merger, "fingerprint": bench_fingerprint,
+            "small": bench_small, "put": bench_put, "get": bench_get}
 
 
 def _versions():

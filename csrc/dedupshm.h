@@ -112,7 +112,9 @@ typedef struct ds_gcinfo {
 typedef struct ds_clientinfo {
     uint32_t slot;
     uint32_t pid;
-    uint64_t handles;
+    uint64_t handles;        /* references it holds */
+    uint64_t merged_pages;   /* its mergeable pages mapped onto pool pages */
+    uint64_t attach_ns;      /* when it attached (CLOCK_REALTIME) */
 } ds_clientinfo;
 
 /*

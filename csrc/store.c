@@ -445,6 +445,8 @@ int ds_clients(ds_store *s, ds_clientinfo *out, uint32_t n, uint32_t *count) {
         out[k].slot = i;
         out[k].pid = c->pid;
         out[k].handles = c->handles;
+        out[k].merged_pages = c->merged_pages;
+        out[k].attach_ns = c->attach_ns;
         k++;
     }
     ds_unlock(s);

@@ -371,6 +371,80 @@ def test_sigkill_inside_create_block(make_store, store_name, procs, method):
     assert np.array_equal(s["c"], v)
 
 
+@pytest.mark.limit(120)
+def test_sigkill_mid_put_while_another_process_puts_same_content(make_store, store_name, procs):
+    """Two processes put identical 128 MiB values; one is SIGKILLed mid-put.
+    The survivor's value (which may share the victim's fresh pages) is whole,
+    stays whole through gc() and pool churn, and every page comes back."""
+    size = 128 * MiB
+    s = make_store(store_name, capacity="1GiB", warm_bytes=0)
+    rng = random.Random(os.getpid() + 1)
+    expected = pattern_array(size, 7)
+    ctx = mp.get_context("fork")
+    for it in range(2):
+        pa, ca = ctx.Pipe()
+        pb, cb = ctx.Pipe()
+        a = procs.start(ctx, workers.big_put, store_name, None, "a", size, 7, ca)
+        b = procs.start(ctx, workers.big_put, store_name, None, "b", size, 7, cb)
+        assert recv(pa, 60) == "ready" and recv(pb, 60) == "ready"
+        time.sleep(rng.uniform(0.05, 0.4))  # random kill point
+        kill(a)
+        assert recv(pb, 60) == "done"
+        s.gc()
+        assert np.array_equal(s["b"], expected), "survivor's value is damaged"
+        if "a" in s:
+            assert np.array_equal(s["a"], expected)
+            del s["a"]
+        s.gc()
+        for i in range(2):  # churn: freed pages get reused by other content
+            s[f"churn{i}"] = rand_array(64 * MiB, 300 + i)
+            del s[f"churn{i}"]
+        assert np.array_equal(s["b"], expected), "survivor's pages were freed or reused"
+        kill(b)
+        del s["b"]
+        gc_until(s, lambda st: st["objects"] == 0 and st["physical_bytes"] <= PAGE,
+                 msg="all pages back after the race")
+
+
+@pytest.mark.parametrize("method", CONTEXTS)
+def test_sigkill_readers_leaves_no_pins(make_store, store_name, procs, method):
+    """Readers killed while mapping/releasing views leave nothing pinned:
+    after gc() a delete gives all the memory back."""
+    s = make_store(store_name, warm_bytes=0)
+    arr = rand_array(16 * MiB, 34)
+    s["x"] = arr
+    ctx = mp.get_context(method)
+    rng = random.Random(5)
+    for _ in range(4):
+        parent, child = ctx.Pipe()
+        p = procs.start(ctx, workers.get_loop, store_name, None, "x", digest(arr), child)
+        assert recv(parent, 60) == ("ready", True)
+        time.sleep(rng.uniform(0.0, 0.1))  # random kill point
+        kill(p)
+    s.gc()
+    assert np.array_equal(s["x"], arr)
+    del s["x"]
+    st = gc_until(s, lambda st: st["objects"] == 0 and st["physical_bytes"] <= PAGE,
+                  msg="killed readers' pins released")
+    assert st["logical_bytes"] == 0
+
+
+def test_unlink_while_other_process_attached(make_store, store_name, procs):
+    s = make_store(store_name)
+    s["before"] = b"b" * 100
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = procs.start(ctx, workers.attached_after_unlink, store_name, None, child)
+    assert recv(parent, 60) == "attached"
+    s.unlink()
+    parent.send("go")
+    assert recv(parent, 30) is True, "an attached process stopped working after unlink()"
+    p.join(30)
+    assert p.exitcode == 0
+    with pytest.raises(FileNotFoundError):
+        dedupshm.Store(store_name)
+
+
 # ================================================================ robust lock
 
 @pytest.mark.limit(120)

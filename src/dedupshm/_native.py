@@ -310,7 +310,8 @@ class Core:
         arr = ffi.new("ds_clientinfo[]", 4096)
         n = ffi.new("uint32_t *")
         check(lib.ds_clients(self._s, arr, 4096, n), "clients")
-        return [{"slot": arr[i].slot, "pid": arr[i].pid, "handles": arr[i].handles}
+        return [{"slot": arr[i].slot, "pid": arr[i].pid, "handles": arr[i].handles,
+                 "merged_pages": arr[i].merged_pages, "attach_time": arr[i].attach_ns / 1e9}
                 for i in range(n[0])]
 
     # ---- mergeable memory ------------------------------------------------

@@ -471,7 +471,7 @@ class Store:
         return self._c().gc()
 
     def clients(self):
-        """Attached processes: [{'slot', 'pid', 'handles'}]."""
+        """Attached processes: [{'slot', 'pid', 'handles', 'merged_pages', 'attach_time'}]."""
         return self._c().clients()
 
     def _fingerprint(self, page):
