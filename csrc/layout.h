@@ -219,6 +219,7 @@ typedef struct ds_header {
              meta_bytes, gc_runs, recoveries, reaped_clients;
     /* merger counters (summed over processes) */
     uint64_t full_scans, pages_scanned, merger_cpu_ns;
+    uint64_t transit_walk;   /* when gc last looked for expired transit handles (s) */
 } ds_header;
 
 /* ---- the per-process handle (private memory) ---------------------------- */

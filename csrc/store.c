@@ -415,8 +415,10 @@ int ds_gc(ds_store *s, ds_gcinfo *out) {
             h->reaped_clients++;
         }
     }
-    if (h->transit) {
-        uint64_t now = ds_now_s();
+    uint64_t now = ds_now_s();
+    uint64_t every = h->transit_ttl / 8 < 60 ? h->transit_ttl / 8 : 60;
+    if (h->transit && now >= h->transit_walk + every) {   /* a heap walk: not on every gc */
+        h->transit_walk = now;
         FOR_CHUNKS(s, id, c) {
             ds_handle *hd = (ds_handle *)c;
             if (c->kind == DS_K_HANDLE && hd->owner == DS_TRANSIT_OWNER &&
