@@ -237,6 +237,18 @@ const char *ds_merger_wp_mode(void);
 /* Most mappings the merger may create in this process. */
 int ds_merger_config(ds_store *s, uint32_t vma_budget);
 
+/* ---- consistency check (check.c) ---- */
+typedef struct ds_checkinfo {
+    uint32_t errors;         /* problems found (their text is in buf) */
+    uint64_t objects;        /* sealed objects looked at */
+    uint64_t pages;          /* pool pages in use */
+    uint64_t bytes_checked;  /* bytes re-hashed against their fingerprints */
+} ds_checkinfo;
+/* Check every invariant of the store under its lock; write one line per
+ * problem into buf (NUL terminated, truncated at buflen).  Returns 0 even
+ * when it finds problems (they are in out->errors). */
+int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out);
+
 /* Salted 64-bit fingerprint of one page, and over n pages (benchmarks). */
 uint64_t ds_fingerprint(ds_store *s, const void *page);
 uint64_t ds_fingerprint_pages(ds_store *s, const void *pages, uint64_t n);

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import dedupshm
-from helpers import (MiB, PAGE, digest, pattern_array, rand_array, shmem_bytes, wait_for,
-                     wait_shmem_below)
+from helpers import (MiB, PAGE, digest, file_bytes, pattern_array, rand_array, shmem_bytes,
+                     store_files, wait_for, wait_shmem_below)
 import workers
 
 CONTEXTS = ["spawn", "fork"]
@@ -340,6 +340,9 @@ def test_sigkill_during_256mib_put_then_gc(make_store, store_name, procs):
             outcomes.append("killed")
         st = gc_until(s, lambda st: st["objects"] == 0 and st["physical_bytes"] <= PAGE,
                       msg="pages of a killed put reclaimed")
+        pool = file_bytes(store_files(store_name)[1])
+        assert pool <= 1 * MiB, \
+            f"iteration {it} ({outcomes[-1]}): pool file still holds {pool / MiB:.1f} MiB after gc()"
         wait_shmem_below(base + NOISE, timeout=15, poke=s.gc)
     print("256 MiB put outcomes:", outcomes)
     assert "killed" in outcomes, f"never killed a put in progress: {outcomes}"

@@ -301,6 +301,18 @@ class Core:
         check(lib.ds_stats_get(self._s, st), "stats")
         return {name: getattr(st, name) for name in dir(st)}
 
+    def check(self):
+        """Full consistency check: (list of problems, info dict)."""
+        info = ffi.new("ds_checkinfo *")
+        size = 1 << 20
+        buf = ffi.new("char[]", size)
+        check(lib.ds_check(self._s, buf, size, info), "check")
+        text = ffi.string(buf).decode(errors="replace")
+        errs = [line for line in text.split("\n") if line]
+        if info.errors > len(errs):
+            errs.append(f"... and {info.errors - len(errs)} more")
+        return errs, {"objects": info.objects, "pages": info.pages, "bytes_checked": info.bytes_checked}
+
     def gc(self):
         gi = ffi.new("ds_gcinfo *")
         check(lib.ds_gc(self._s, gi), "gc")

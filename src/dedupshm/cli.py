@@ -1,5 +1,7 @@
-"""The ``dedupshm`` command: demo, stats, ls, rm, gc."""
+"""The ``dedupshm`` command: demo, stats, ls, rm, gc; top, record, plot,
+serve-metrics; put, get."""
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -102,7 +104,199 @@ def cmd_gc(args, out):
 
 def cmd_demo(args, out):
     from .demo import run_demo
-    return run_demo(workers=args.workers, mib=args.mib, out=out, keep=args.keep)
+    return run_demo(workers=args.workers, mib=args.mib, out=out, keep=args.keep,
+                    record=args.record)
+
+
+# ---------------------------------------------------------------- watching a store
+
+def cmd_top(args, out):
+    from .live import run_top
+    with Store(args.name, directory=args.directory) as st:
+        return run_top(st, args.name, args.directory, interval=args.interval, once=args.once,
+                       out=out)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cmd_record(args, out):
+    import signal
+
+    from .record import record, record_format
+    record_format(args.out)                          # a bad name fails before anything
+    if not args.interval > 0:
+        raise ValueError("--interval must be > 0")
+    with Store(args.name, directory=args.directory) as st:
+        old = signal.signal(signal.SIGTERM, _terminate)
+        taken = 0
+
+        def counted(row):
+            nonlocal taken
+            taken += 1
+        try:
+            record(st, args.out, interval=args.interval, duration=args.duration,
+                   count=args.count, on_sample=counted)
+        except KeyboardInterrupt:                    # Ctrl-C / SIGTERM end a recording
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, old)
+    out.write(f"recorded {taken} samples of store {args.name} to {args.out}\n")
+    return 0
+
+
+def cmd_plot(args, out):
+    from .record import plot_record, read_record
+    try:
+        rows = read_record(args.file)
+    except OSError as e:
+        sys.stderr.write(f"dedupshm: cannot read {args.file}: {e.strerror or e}\n")
+        return 1
+    try:
+        plot_record(rows, args.out, title=args.title)
+    except RuntimeError as e:                        # matplotlib missing
+        sys.stderr.write(f"dedupshm: {e}\n")
+        return 2
+    except OSError as e:
+        sys.stderr.write(f"dedupshm: cannot write {args.out}: {e.strerror or e}\n")
+        return 1
+    out.write(f"plotted {len(rows)} samples to {args.out}\n")
+    return 0
+
+
+def cmd_serve_metrics(args, out):
+    from .metrics import serve
+    if not 0 <= args.port <= 65535:
+        raise ValueError("--port must be in 0..65535")
+    stores = []
+    try:
+        for name in args.name:
+            stores.append(Store(name, directory=args.directory))
+        try:
+            return serve(stores, host=args.host, port=args.port, out=out)
+        except OSError as e:
+            sys.stderr.write(f"dedupshm: cannot serve on {args.host}:{args.port}: "
+                             f"{e.strerror or e}\n")
+            return 1
+    finally:
+        for st in stores:
+            st.close()
+
+
+# ---------------------------------------------------------------- files in and out
+
+#: Transfers at least this large show a progress bar (when stderr is a terminal).
+PROGRESS_MIN_BYTES = 8 << 20
+_CHUNK = 8 << 20
+#: Files up to this size are read whole and put (small values are packed, not paged).
+_SMALL_FILE = 1 << 20
+
+
+def _progress(total, verb):
+    """A rich progress bar on stderr for a transfer of ``total`` bytes, or a
+    stand-in that shows nothing (stderr not a terminal, or a small transfer)."""
+    import contextlib
+    if total < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+        class _Silent:
+            def add_task(self, *a, **k):
+                return 0
+
+            def update(self, *a, **k):
+                pass
+        return contextlib.nullcontext(_Silent())
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+    return Progress(TextColumn("{task.description:<8}"), BarColumn(), DownloadColumn(binary_units=True),
+                    TransferSpeedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=False)
+
+
+def cmd_put(args, out):
+    key = args.key
+    try:
+        f = sys.stdin.buffer if args.file == "-" else open(args.file, "rb", buffering=0)
+    except OSError as e:
+        sys.stderr.write(f"dedupshm: cannot read {args.file}: {e.strerror or e}\n")
+        return 1
+    with f, Store(args.name, directory=args.directory) as st:
+        before = st.stats()["physical_bytes"]
+        fst = os.fstat(f.fileno())
+        import stat as stat_
+        if not stat_.S_ISREG(fst.st_mode) or fst.st_size <= _SMALL_FILE:
+            data = f.read()                          # a pipe (size unknown), or small:
+            st.put(data, key=key)                    # put packs small values together
+            size = len(data)
+        else:
+            size = fst.st_size
+            with _progress(size, "put") as prog:
+                task = prog.add_task("reading", total=size)
+                with st.create(key, size) as buf:
+                    done = 0
+                    while done < size:
+                        n = f.readinto(buf[done:min(size, done + _CHUNK)])
+                        if not n:
+                            raise ValueError(f"{args.file} shrank while it was read "
+                                             f"({done:,} of {size:,} bytes)")
+                        done += n
+                        prog.update(task, completed=done)
+                    prog.update(task, description="sealing")
+                prog.update(task, description="stored")
+        grew = st.stats()["physical_bytes"] - before
+    out.write(f"stored {key!r}: {human_bytes(size)}; the store grew by {human_bytes(max(grew, 0))}\n")
+    return 0
+
+
+def cmd_get(args, out):
+    import numpy as np
+    with Store(args.name, directory=args.directory) as st:
+        try:
+            value = st.get(args.key)
+        except KeyError:
+            sys.stderr.write(f"dedupshm: no key {args.key!r} in store {args.name}\n")
+            return 1
+        if isinstance(value, np.ndarray):
+            value = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        try:
+            mv = memoryview(value).cast("B")
+        except TypeError:
+            sys.stderr.write(f"dedupshm: the value of {args.key!r} is a {type(value).__name__}, "
+                             "not bytes or an array; read it with the Python API\n")
+            return 1
+        size = mv.nbytes
+        if args.out == "-":
+            target, tmp = sys.stdout.buffer, None
+        else:
+            d = os.path.dirname(os.path.abspath(args.out))
+            tmp = os.path.join(d, f".{os.path.basename(args.out)}.dedupshm-{os.getpid()}")
+            try:
+                target = open(tmp, "wb")
+            except OSError as e:
+                sys.stderr.write(f"dedupshm: cannot write {args.out}: {e.strerror or e}\n")
+                return 1
+        try:
+            with _progress(size, "get") as prog:
+                task = prog.add_task("writing", total=size)
+                for off in range(0, size, _CHUNK):
+                    target.write(mv[off:off + _CHUNK])
+                    prog.update(task, completed=min(size, off + _CHUNK))
+                target.flush()
+            if tmp is not None:
+                target.close()
+                os.replace(tmp, args.out)
+                tmp = None
+        except BrokenPipeError:
+            return 1
+        finally:
+            if tmp is not None:
+                target.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        del mv, value
+    if args.out != "-":
+        out.write(f"wrote {args.key!r} ({human_bytes(size)}) to {args.out}\n")
+    return 0
 
 
 def build_parser():
@@ -113,6 +307,8 @@ def build_parser():
     d.add_argument("--workers", type=int, default=4)
     d.add_argument("--mib", type=int, default=64, help="size of the data each worker shares")
     d.add_argument("--keep", action="store_true", help="leave the demo store in place")
+    d.add_argument("--record", metavar="FILE", default=None,
+                   help="sample the store's stats into FILE (.csv or .jsonl) while the workers run")
     d.set_defaults(fn=cmd_demo)
     for name, fn, helptext in (("stats", cmd_stats, "counters of a store"),
                                ("ls", cmd_ls, "keys of a store with their sizes"),
@@ -124,6 +320,40 @@ def build_parser():
     r = sub.add_parser("rm", help="remove a store's files")
     r.add_argument("name")
     r.set_defaults(fn=cmd_rm)
+
+    t = sub.add_parser("top", help="live view of a store (q quits)")
+    t.add_argument("name")
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    t.add_argument("--once", action="store_true", help="print one frame and exit")
+    t.set_defaults(fn=cmd_top)
+    rec = sub.add_parser("record", help="sample a store's stats into CSV or JSON lines")
+    rec.add_argument("name")
+    rec.add_argument("--out", required=True, metavar="FILE", help="FILE.csv or FILE.jsonl")
+    rec.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+    until = rec.add_mutually_exclusive_group()
+    until.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    until.add_argument("--count", type=int, metavar="N", help="stop after N samples")
+    rec.set_defaults(fn=cmd_record)
+    pl = sub.add_parser("plot", help="draw a record (needs matplotlib: dedupshm[plot])")
+    pl.add_argument("file", help="a record written by `dedupshm record` or `demo --record`")
+    pl.add_argument("--out", required=True, metavar="PNG")
+    pl.add_argument("--title", default=None)
+    pl.set_defaults(fn=cmd_plot)
+    sm = sub.add_parser("serve-metrics", help="Prometheus endpoint for stores' stats")
+    sm.add_argument("name", nargs="+")
+    sm.add_argument("--port", type=int, default=9464, help="TCP port (default 9464; 0: any free port)")
+    sm.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sm.set_defaults(fn=cmd_serve_metrics)
+    pu = sub.add_parser("put", help="store a file's bytes under a key")
+    pu.add_argument("name")
+    pu.add_argument("key")
+    pu.add_argument("file", help="a file, or - for standard input")
+    pu.set_defaults(fn=cmd_put)
+    g = sub.add_parser("get", help="write the bytes stored under a key to a file")
+    g.add_argument("name")
+    g.add_argument("key")
+    g.add_argument("--out", default="-", metavar="FILE", help="where to write (default -: stdout)")
+    g.set_defaults(fn=cmd_get)
     return p
 
 

@@ -43,7 +43,7 @@ def _worker(name, wid, mib, q):
     store.close()
 
 
-def run_demo(workers=4, mib=64, out=None, keep=False):
+def run_demo(workers=4, mib=64, out=None, keep=False, record=None):
     import sys
     out = out or sys.stdout
     name = f"demo-{os.getpid()}"
@@ -54,11 +54,19 @@ def run_demo(workers=4, mib=64, out=None, keep=False):
         q = ctx.Queue()
         t0 = time.perf_counter()
         procs = [ctx.Process(target=_worker, args=(name, w, mib, q)) for w in range(workers)]
+        recorder = None
+        if record:
+            from .record import Recorder
+            recorder = Recorder(store, record, interval=0.1).start()
         for p in procs:
             p.start()
-        results = [q.get(timeout=300) for _ in procs]
-        for p in procs:
-            p.join(60)
+        try:
+            results = [q.get(timeout=300) for _ in procs]
+            for p in procs:
+                p.join(60)
+        finally:
+            if recorder is not None:
+                recorder.stop()
         elapsed = time.perf_counter() - t0
         s = store.stats()
         after = shmem_bytes()
@@ -84,6 +92,9 @@ def run_demo(workers=4, mib=64, out=None, keep=False):
         out.write(f"\nsaved {saved / mib_:,.1f} MiB of shared memory "
                   f"({100.0 * saved / naive if naive else 0:.0f}% of the arrays' size), "
                   "measured by the kernel.\n")
+        if recorder is not None:
+            out.write(f"recorded {recorder.count} samples to {record}: "
+                      f"`dedupshm plot {record} --out demo.png` draws them\n")
         if keep:
             out.write(f"store kept: try `dedupshm stats {name}` and `dedupshm rm {name}`\n")
         return 0 if all(p.exitcode == 0 for p in procs) else 1

@@ -191,6 +191,29 @@ def _attach_store(name, directory):
     return Store(name, directory=directory)
 
 
+class CheckReport:
+    """What :meth:`Store.check` found: ``errors`` (list of str, empty when
+    healthy), ``objects``, ``pages``, ``bytes_checked``."""
+
+    def __init__(self, errors, objects=0, pages=0, bytes_checked=0):
+        self.errors = errors
+        self.objects = objects
+        self.pages = pages
+        self.bytes_checked = bytes_checked
+
+    @property
+    def ok(self):
+        return not self.errors
+
+    def __bool__(self):
+        return self.ok
+
+    def __repr__(self):
+        state = "ok" if self.ok else f"{len(self.errors)} errors"
+        return (f"<CheckReport {state}: {self.objects} objects, {self.pages} pages, "
+                f"{self.bytes_checked} bytes re-hashed>")
+
+
 class Store:
     """A deduplicating shared-memory object store.
 
@@ -469,6 +492,15 @@ class Store:
         half-written objects, and pickled references past their TTL.  Runs
         by itself too; never needed for correctness."""
         return self._c().gc()
+
+    def check(self):
+        """Check every invariant of the store (reference counts, free and used
+        pages, the content index, the bytes of stored pages against their
+        fingerprints, the counters).  Returns a :class:`CheckReport`; its
+        ``errors`` list is empty for a healthy store.  Problems it can
+        describe are reported, not raised."""
+        errors, info = self._c().check()
+        return CheckReport(errors, **info)
 
     def clients(self):
         """Attached processes: [{'slot', 'pid', 'handles', 'merged_pages', 'attach_time'}]."""
