@@ -343,7 +343,8 @@ def test_sigkill_during_256mib_put_then_gc(make_store, store_name, procs):
         pool = file_bytes(store_files(store_name)[1])
         assert pool <= 1 * MiB, \
             f"iteration {it} ({outcomes[-1]}): pool file still holds {pool / MiB:.1f} MiB after gc()"
-        wait_shmem_below(base + NOISE, timeout=15, poke=s.gc)
+        # the pool file check above is exact; Shmem is machine-wide (noisier at this scale)
+        wait_shmem_below(base + 2 * NOISE, timeout=15, poke=s.gc)
     print("256 MiB put outcomes:", outcomes)
     assert "killed" in outcomes, f"never killed a put in progress: {outcomes}"
     # the store is fully usable afterwards

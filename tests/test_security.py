@@ -1,0 +1,206 @@
+"""A store is one trust domain: owner-only files, no attach by another user,
+fingerprints salted per store, and dedup never crosses stores."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dedupshm
+from helpers import MiB, PAGE, rand_array, shmem_bytes, store_files
+
+NOBODY = 65534
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_files_are_owner_only(make_store, store_name, umask):
+    old = os.umask(umask)
+    try:
+        s = make_store(store_name)
+        s["a"] = rand_array(1 * MiB, 1)
+    finally:
+        os.umask(old)
+    for path in store_files(store_name):
+        st = os.stat(path)
+        assert st.st_mode & 0o777 == 0o600, f"{path} has mode {oct(st.st_mode & 0o777)}"
+        assert st.st_uid == os.getuid()
+
+
+def test_custom_directory_files_owner_only(make_store, store_name, tmp_path):
+    old = os.umask(0)
+    try:
+        make_store(store_name, directory=str(tmp_path))
+    finally:
+        os.umask(old)
+    for f in os.listdir(tmp_path):
+        assert os.stat(tmp_path / f).st_mode & 0o777 == 0o600, f
+
+
+def _as_other_user(fn):
+    """Fork; in the child drop to uid/gid 65534 and run fn(); return what
+    it reported (a short string) through a pipe."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            msg = fn()
+        except BaseException as e:  # report, never raise out of the fork
+            msg = f"ERROR {type(e).__name__}: {e}"
+        try:
+            os.write(w, msg.encode()[:4000])
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 4096)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f"child status {status}"
+    return b"".join(chunks).decode()
+
+
+def _attempt(name, **kw):
+    def fn():
+        try:
+            s = dedupshm.Store(name, **kw)
+        except PermissionError:
+            return "PermissionError"
+        except Exception as e:
+            return f"other {type(e).__name__}: {e}"
+        try:
+            v = s.get("secret")
+            return f"ATTACHED, read {bytes(v)[:10]!r}"
+        except Exception as e:
+            return f"ATTACHED ({type(e).__name__})"
+    return fn
+
+
+def _create_elsewhere(make_store, name):
+    """Create and fill a store in a separate root process, so this process
+    has never opened it (nothing cached, no inherited descriptors)."""
+    make_store.names.append((name, None))  # cleaned up by the fixture
+    r = subprocess.run([sys.executable, "-c", (
+        "import dedupshm,sys; s=dedupshm.Store(sys.argv[1], create=True); "
+        "s['secret']=b'top secret value'; s.close()"), name],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+@pytest.mark.parametrize("create", [False, True], ids=["attach", "create"])
+@pytest.mark.parametrize("opened_here", [True, False], ids=["opened-in-parent", "fresh"])
+def test_other_user_cannot_attach(make_store, store_name, create, opened_here):
+    """A forked child that switched to uid 65534 gets PermissionError from
+    Store(name) -- also when its parent (root) has the store open."""
+    if opened_here:
+        s = make_store(store_name)
+        s["secret"] = b"top secret value"
+    else:
+        _create_elsewhere(make_store, store_name)
+    res = _as_other_user(_attempt(store_name, create=create))
+    assert res == "PermissionError", res
+    # the owner's store is untouched
+    t = make_store(store_name, create=False)
+    assert bytes(t["secret"]) == b"top secret value"
+    for path in store_files(store_name):
+        assert os.stat(path).st_uid == os.getuid()
+        assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+def test_other_user_cannot_read_files_directly(make_store, store_name):
+    s = make_store(store_name)
+    s["secret"] = b"x" * 10000
+
+    def fn():
+        out = []
+        for p in store_files(store_name):
+            try:
+                with open(p, "rb") as f:
+                    f.read(1)
+                out.append("READ")
+            except PermissionError:
+                out.append("denied")
+        return ",".join(out)
+    assert _as_other_user(fn) == "denied,denied"
+
+
+# ================================================================ salt
+
+def _fp(store, page):
+    fn = getattr(store, "_fingerprint", None)
+    if fn is None:
+        pytest.skip("Store._fingerprint hook not available")
+    return fn(page)
+
+
+def test_fingerprints_salted_per_store(make_store, store_name):
+    a = make_store(store_name)
+    b = make_store()
+    page = bytes(rand_array(PAGE, 2))
+    other = bytes(rand_array(PAGE, 3))
+    fa, fb = _fp(a, page), _fp(b, page)
+    assert fa == _fp(a, page), "fingerprint not deterministic within a store"
+    assert fa != fb, "same page has the same fingerprint in two stores (salt missing)"
+    assert _fp(a, other) != fa
+    # the salt is a property of the store, not of the handle
+    again = make_store(store_name, create=False)
+    assert _fp(again, page) == fa
+
+
+def test_zero_page_fingerprint_salted(make_store):
+    a, b = make_store(), make_store()
+    z = bytes(PAGE)
+    assert _fp(a, z) != _fp(b, z)
+
+
+# ================================================================ no cross-store dedup
+
+def test_dedup_never_crosses_stores(make_store):
+    a, b = make_store(warm_bytes=0), make_store(warm_bytes=0)
+    arr = rand_array(32 * MiB, 4)
+    base = shmem_bytes()
+    a["x"] = arr
+    b["x"] = arr
+    grew = shmem_bytes() - base
+    assert grew >= 2 * arr.nbytes - 8 * MiB, f"two stores share pages: Shmem +{grew / MiB:.1f} MiB"
+    for s in (a, b):
+        st = s.stats()
+        assert arr.nbytes <= st["physical_bytes"] <= arr.nbytes + 4 * PAGE
+
+
+def test_ref_of_other_store_not_usable(make_store):
+    a, b = make_store(), make_store()
+    ra = a.put(b"in a" * 1000)
+    b.put(b"in b" * 1000)
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        b.get(ra)
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        b.delete(ra)
+    assert bytes(a.get(ra)) == b"in a" * 1000
+
+
+def test_opt_out_value_shares_no_pages(make_store):
+    s = make_store()
+    arr = rand_array(8 * MiB, 5)
+    s["public"] = arr
+    before = s.stats()
+    s.put(arr, key="private", dedup=False)
+    st = s.stats()
+    assert st["pages_shared"] == before["pages_shared"]
+    assert st["physical_bytes"] - before["physical_bytes"] >= arr.nbytes
+    # and later deduplicating puts never land on the opted-out pages
+    s["again"] = arr
+    del s["public"]
+    st2 = s.stats()
+    assert st2["physical_bytes"] >= 2 * arr.nbytes
