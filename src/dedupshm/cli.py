@@ -104,6 +104,12 @@ def cmd_gc(args, out):
 
 def cmd_demo(args, out):
     from .demo import run_demo
+    if args.record:
+        from .record import record_format
+        record_format(args.record)
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.record))):
+            sys.stderr.write(f"dedupshm: cannot write {args.record}: no such directory\n")
+            return 1
     return run_demo(workers=args.workers, mib=args.mib, out=out, keep=args.keep,
                     record=args.record)
 
@@ -140,6 +146,9 @@ def cmd_record(args, out):
                    count=args.count, on_sample=counted)
         except KeyboardInterrupt:                    # Ctrl-C / SIGTERM end a recording
             pass
+        except OSError as e:
+            sys.stderr.write(f"dedupshm: cannot write {args.out}: {e.strerror or e}\n")
+            return 1
         finally:
             signal.signal(signal.SIGTERM, old)
     out.write(f"recorded {taken} samples of store {args.name} to {args.out}\n")
@@ -214,6 +223,15 @@ def _progress(total, verb):
 
 
 def cmd_put(args, out):
+    from .errors import DedupShmError
+    try:
+        return _put(args, out)
+    except DedupShmError as e:                       # e.g. the store is full
+        sys.stderr.write(f"dedupshm: cannot store {args.key!r}: {e}\n")
+        return 1
+
+
+def _put(args, out):
     key = args.key
     try:
         f = sys.stdin.buffer if args.file == "-" else open(args.file, "rb", buffering=0)
