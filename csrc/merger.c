@@ -334,6 +334,9 @@ int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
         goto fail;
     }
     r->addr = va;
+    /* merging works page by page: a transparent huge page would only be
+     * split lazily, keeping its memory after its pages were merged */
+    madvise(va, n64 * DS_PAGE_SIZE, MADV_NOHUGEPAGE);
     memset(r->uffd, uffd_register(va, n64 * DS_PAGE_SIZE), n);
     for (uint32_t i = 0; i < n; i++) r->merged[i] = DS_ZERO;
     rc = ds_lock(s);
