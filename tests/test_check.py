@@ -107,3 +107,24 @@ def test_check_clean_after_sigkills_and_gc(make_store, store_name, procs):
     st = s.stats()
     assert st["objects"] == 0 and st["physical_bytes"] == 0, st
     assert s.check().ok
+
+
+def test_cli_check(store):
+    import subprocess
+    import sys
+    store["a"] = rand(64 * 1024, 9)
+    r = subprocess.run([sys.executable, "-m", "dedupshm", "check", store.name],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok: 1 objects")
+    fd = os.open(store_paths(store)[1], os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x01", 100)
+    finally:
+        os.close(fd)
+    r = subprocess.run([sys.executable, "-m", "dedupshm", "check", store.name, "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3
+    import json
+    rep = json.loads(r.stdout)
+    assert not rep["ok"] and any("bytes changed" in e for e in rep["errors"])

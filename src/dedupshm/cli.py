@@ -102,6 +102,21 @@ def cmd_gc(args, out):
     return 0
 
 
+def cmd_check(args, out):
+    with Store(args.name, directory=args.directory) as st:
+        st.gc()
+        rep = st.check()
+    if args.json:
+        out.write(json.dumps({"ok": rep.ok, "errors": rep.errors, "objects": rep.objects,
+                              "pages": rep.pages, "bytes_checked": rep.bytes_checked}, indent=2) + "\n")
+    else:
+        for e in rep.errors:
+            out.write(f"error: {e}\n")
+        out.write(f"{'ok' if rep.ok else f'{len(rep.errors)} problems'}: {rep.objects:,} objects, "
+                  f"{rep.pages:,} pages, {human_bytes(rep.bytes_checked)} re-hashed\n")
+    return 0 if rep.ok else 3
+
+
 def cmd_demo(args, out):
     from .demo import run_demo
     if args.record:
@@ -330,7 +345,8 @@ def build_parser():
     d.set_defaults(fn=cmd_demo)
     for name, fn, helptext in (("stats", cmd_stats, "counters of a store"),
                                ("ls", cmd_ls, "keys of a store with their sizes"),
-                               ("gc", cmd_gc, "reclaim what dead processes left")):
+                               ("gc", cmd_gc, "reclaim what dead processes left"),
+                               ("check", cmd_check, "gc, then check every invariant of a store")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("name")
         c.add_argument("--json", action="store_true", help="machine-readable output")
@@ -380,8 +396,12 @@ def main(argv=None, out=None):
     out = out or sys.stdout
     try:
         return args.fn(args, out)
-    except FileNotFoundError:
-        sys.stderr.write(f"dedupshm: no store named {getattr(args, 'name', '?')!r}\n")
+    except FileNotFoundError as e:
+        name = getattr(args, "name", None)
+        if name and e.filename and os.path.basename(str(e.filename)).startswith(f"dedupshm.{name}."):
+            sys.stderr.write(f"dedupshm: no store named {name!r}\n")
+        else:
+            sys.stderr.write(f"dedupshm: {e}\n")
         return 1
     except (ValueError, PermissionError) as e:
         sys.stderr.write(f"dedupshm: {e}\n")
