@@ -427,6 +427,26 @@ static void *put_range(void *arg) {
     return NULL;
 }
 
+/* Lock held: a CREATED object with an empty pending list of n pages.
+ * NULL (nothing allocated) if the heap is full. */
+static ds_pending *created_new(ds_store *s, const uint8_t *key, uint32_t keylen,
+                               uint32_t n, uint64_t size, uint32_t *id) {
+    ds_object *o = object_new(s, key, keylen, id);
+    uint32_t pend = o ? ds_chunk_alloc(s, sizeof(ds_pending) + 4ull * n, DS_K_PENDING) : 0;
+    if (!pend) {
+        if (o) ds_chunk_free(s, *id);
+        return NULL;
+    }
+    ds_pending *pd = (ds_pending *)DS_CHUNK(s, pend);
+    pd->npages = n;
+    pd->size = size;
+    pd->h.refcnt = 1;
+    for (uint32_t i = 0; i < n; i++) pd->pages[i] = DS_ZERO;
+    o->blob = pend;
+    o->size = size;
+    return pd;
+}
+
 static int put_large(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed,
                      const uint8_t *desc, uint32_t desclen,
                      const ds_iov *bufs, uint32_t nbufs, uint32_t flags,
@@ -469,20 +489,14 @@ static int put_large(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
     rc = ds_lock(s);
     if (rc) goto out;
     uint32_t id;
-    ds_object *o = object_new(s, key, keylen, &id);
-    uint32_t pend = o ? ds_chunk_alloc(s, sizeof(ds_pending) + 4ull * n, DS_K_PENDING) : 0;
-    if (!pend) {
-        if (o) ds_chunk_free(s, id);
+    ds_pending *pd = created_new(s, key, keylen, n, size, &id);
+    if (!pd) {
         ds_unlock(s);
         rc = DS_EFULL;
         goto out;
     }
-    ds_pending *pd = (ds_pending *)DS_CHUNK(s, pend);
-    pd->npages = n;
-    pd->size = size;
-    pd->h.refcnt = 1;
-    for (uint32_t i = 0; i < n; i++) pd->pages[i] = DS_ZERO;
-    o->blob = pend;
+    ds_object *o = obj_at(s, id);
+    uint32_t pend = o->blob;
     uint64_t mygen = o->gen;
     uint32_t hint = h->alloc_hint;
     ds_unlock(s);
@@ -589,21 +603,13 @@ int ds_create(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nbytes,
     int rc = ds_lock(s);
     if (rc) goto out;
     uint32_t id;
-    ds_object *o = object_new(s, key, keylen, &id);
-    uint32_t pend = o ? ds_chunk_alloc(s, sizeof(ds_pending) + 4ull * n, DS_K_PENDING) : 0;
-    if (!pend) {
-        if (o) ds_chunk_free(s, id);
+    ds_pending *pd = created_new(s, key, keylen, n, nbytes, &id);
+    if (!pd) {
         ds_unlock(s);
         rc = DS_EFULL;
         goto out;
     }
-    ds_pending *pd = (ds_pending *)DS_CHUNK(s, pend);
-    pd->npages = n;
-    pd->size = nbytes;
-    pd->h.refcnt = 1;
-    for (uint32_t i = 0; i < n; i++) pd->pages[i] = DS_ZERO;
-    o->blob = pend;
-    o->size = nbytes;
+    ds_object *o = obj_at(s, id);
     rc = ds_pages_alloc(s, n, pages);
     if (rc) { discard(s, id); ds_unlock(s); goto out; }
     memcpy(pd->pages, pages, 4ull * n);
