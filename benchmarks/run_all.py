@@ -1,7 +1,7 @@
 """Run every dedupshm benchmark and print a summary table.
 
     python benchmarks/run_all.py            full run (< 10 min)
-    python benchmarks/run_all.py --quick    smoke run for CI (< 60 s)
+    python benchmarks/run_all.py --quick    smoke run for CI (~2 min, merger ~50 s)
     options: --json [PATH]  write results (default benchmarks/results.json)
              --only NAME..  run some (memory merger fingerprint small put get)
              --no-ray       skip the Ray peer
