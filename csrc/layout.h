@@ -194,7 +194,7 @@ typedef struct ds_header {
     uint64_t warm_pages;     /* freed pages kept backed, at most */
     uint64_t hints_off;      /* merger hint table */
     uint32_t hints_mask;     /* entries - 1 (a power of two) */
-    uint32_t pad_h;
+    uint32_t hints_backed;   /* under lock: 1 once the first merger backed the table */
     uint32_t transit_ttl;    /* seconds */
     uint32_t state;          /* DS_ST_READY once initialised */
     uint8_t pad0[64];

@@ -341,6 +341,12 @@ int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
     for (uint32_t i = 0; i < n; i++) r->merged[i] = DS_ZERO;
     rc = ds_lock(s);
     if (rc) goto fail;
+    ds_header *h = s->hdr;
+    if (!h->hints_backed) {                  /* the hint table costs memory only with a merger */
+        uint64_t len = ((uint64_t)h->hints_mask + 1) * sizeof(ds_hint);
+        if (ds_back(s, h->hints_off, (len + 4095) & ~4095ull) != 0) { ds_unlock(s); rc = DS_EFULL; goto fail; }
+        h->hints_backed = 1;
+    }
     r->chunk = ds_chunk_alloc(s, sizeof(ds_pending) + 4ull * n, DS_K_MERGE);
     if (r->chunk) {
         ds_pending *mg = (ds_pending *)DS_CHUNK(s, r->chunk);
@@ -529,12 +535,14 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
         if (me->merged_pages) me->merged_pages--;
         st->unmerged++;
     }
-    uint32_t promote[BATCH], npromote = 0;
+    uint32_t promote[BATCH], npromote = 0, lonely[BATCH], nlonely = 0;
+    int room = m->vmas + 2 <= m->vma_budget;      /* may we still make new mappings? */
     for (uint32_t i = 0; i < n; i++) {
         if (!hashed[i]) continue;
         uint32_t p = first + i;
-        const uint8_t *pg = base + (uint64_t)i * DS_PAGE_SIZE;
-        uint32_t q = ds_page_find(s, fps[i], pg);
+        /* the stable table: a fingerprint match is compared byte for byte
+         * once the page is write-protected, below */
+        uint32_t q = ds_page_candidate(s, fps[i]);
         if (q != DS_NIL) {
             ds_page_incref(s, q);            /* held before we map it */
             mg->pages[p] = q;
@@ -549,16 +557,35 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
             m->pass_volatile++;
             continue;
         }
-        ds_hint *ht = &hints[fps[i] & h->hints_mask];
-        uint32_t tag = (uint32_t)(fps[i] >> 32);
-        if (ht->owner && ht->tag == tag && ht->owner != s->slot + 1) {
-            ht->owner = 0;                   /* a partner: promote ours */
-            promote[npromote++] = i;
-        } else {
-            if (!(ht->owner && ht->tag == tag)) { ht->tag = tag; ht->owner = s->slot + 1; }
-            m->pass_unshared++;
-            age_up(r, p);
+        /* stable and not in the pool: the hint table, 4-way associative */
+        ds_hint *set = &hints[fps[i] & h->hints_mask & ~3u];
+        uint32_t tag = (uint32_t)(fps[i] >> 32), me = s->slot + 1;
+        int hit = -1, empty = -1, own = -1;
+        for (int w = 0; w < 4; w++) {
+            if (set[w].owner && set[w].tag == tag) hit = w;
+            else if (!set[w].owner) empty = w;
+            else if (set[w].owner == me) own = w;
         }
+        if (hit >= 0 && set[hit].owner != me && room) {
+            set[hit].owner = 0;              /* a partner: promote ours */
+            promote[npromote++] = i;
+            continue;
+        }
+        if (hit < 0) {                       /* keep others' hints: replace ours first */
+            int w = empty >= 0 ? empty : own >= 0 ? own : (int)(tag & 3);
+            set[w].tag = tag;
+            set[w].owner = me;
+        }
+        lonely[nlonely++] = i;
+        m->pass_unshared++;
+        age_up(r, p);
+    }
+    /* a partner for part of a batch usually has the rest too (same data,
+     * same layout): promote the batch's other stable pages with it, so the
+     * pool pages -- and everyone's mappings of them -- stay in runs */
+    if (npromote) {
+        for (uint32_t k = 0; k < nlonely; k++) promote[npromote++] = lonely[k];
+        m->pass_unshared -= nlonely;
     }
     uint32_t fresh[BATCH];
     if (npromote && ds_pages_alloc(s, npromote, fresh) == 0) {
@@ -622,7 +649,10 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
         uint32_t p = first + i;
         int extends = p > 0 && r->merged[p - 1] != DS_ZERO && r->merged[p - 1] + 1 == target[i];
         if (!extends && m->vmas + 2 > m->vma_budget && j - i < 16) {
-            for (uint32_t k = i; k < j; k++) ok[k] = 0;       /* budget spent: no fragments */
+            for (uint32_t k = i; k < j; k++) {               /* budget spent: no fragments */
+                ok[k] = 0;
+                age_up(r, first + k);                        /* and look less often */
+            }
         } else if (mmap(base + (uint64_t)i * DS_PAGE_SIZE, (uint64_t)(j - i) * DS_PAGE_SIZE,
                         PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, s->pool_fd,
                         (off_t)target[i] * DS_PAGE_SIZE) == MAP_FAILED) {

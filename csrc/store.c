@@ -160,15 +160,14 @@ static int init_store(ds_store *s, uint64_t capacity, uint64_t warm_bytes,
     uint64_t bbk_off = off;      off += PAGE_ROUND(xbuckets * 4);
     uint64_t kbk_off = off;      off += PAGE_ROUND(xbuckets * 4);
     uint64_t hints = 4096;
-    while (hints < cap_pages / 4) hints <<= 1;
+    while (hints < cap_pages / 2) hints <<= 1;
     uint64_t hints_off = off;    off += PAGE_ROUND(hints * sizeof(ds_hint));
     uint64_t heap_off = off;     off += heap;
 
     if (ftruncate(s->index_fd, (off_t)off) != 0) return errno;
     /* back the fixed part now: header, clients, bitmaps */
     if (fallocate(s->index_fd, 0, 0, (off_t)pmeta_off) != 0 ||
-        fallocate(s->index_fd, 0, (off_t)used_off, (off_t)(bbk_off - used_off)) != 0 ||
-        fallocate(s->index_fd, 0, (off_t)hints_off, (off_t)(heap_off - hints_off)) != 0)
+        fallocate(s->index_fd, 0, (off_t)used_off, (off_t)(bbk_off - used_off)) != 0)
         return errno == ENOSPC ? DS_EFULL : errno;
 
     int pfd = open(pool_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);

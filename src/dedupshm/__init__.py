@@ -10,10 +10,12 @@ store.  See README.md and docs/ARCHITECTURE.md.
 """
 from .errors import (CorruptStoreError, DedupShmError, IncompatibleStoreError,
                      StoreClosedError, StoreFullError, StoreLimitError)
-from .store import ObjectRef, Store, parse_size
+from .store import CheckReport, ObjectRef, Store, parse_size
+from .sequence import SharedSequence, put_sequence
+from . import merger  # noqa: F401  (dedupshm.merger.wp_mode() etc.)
 
 __all__ = [
-    "Store", "ObjectRef", "parse_size",
+    "Store", "ObjectRef", "CheckReport", "SharedSequence", "put_sequence", "parse_size",
     "DedupShmError", "StoreFullError", "CorruptStoreError", "IncompatibleStoreError",
     "StoreClosedError", "StoreLimitError",
 ]

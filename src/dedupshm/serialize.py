@@ -17,8 +17,10 @@ import msgpack
 import numpy as np
 
 OOB_MIN = 4096
+#: Pickle streams up to this size ride in the descriptor (small values stay
+#: packed); longer ones are stored as a buffer of their own.
 BYTES_DESC = msgpack.packb({"k": "b"}, use_bin_type=True)
-INLINE_PICKLE_MAX = 1 << 16
+INLINE_PICKLE_MAX = 1024
 
 
 def _contiguous_bytes(mv):

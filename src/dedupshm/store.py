@@ -363,6 +363,13 @@ class Store:
             raise
         return serialize.decode(desc, bufs)
 
+    def put_sequence(self, iterable, *, key=None):
+        """Store a read-only sequence of picklable objects, serialized once;
+        ``get`` returns it as a :class:`dedupshm.SharedSequence` that reads
+        items without writing shared pages (no refcount traffic)."""
+        from .sequence import put_sequence
+        return put_sequence(self, iterable, key=key)
+
     def ref(self, key):
         """An ObjectRef to the value bound to ``key`` (KeyError if none)."""
         obj, gen = self._resolve(key)

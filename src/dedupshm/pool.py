@@ -1,0 +1,577 @@
+"""Process pools and queues whose large values travel through a Store.
+
+:class:`Pool` is a drop-in :class:`multiprocessing.pool.Pool`,
+:class:`ProcessPoolExecutor` a drop-in
+:class:`concurrent.futures.ProcessPoolExecutor` and :class:`Queue` a
+drop-in :class:`multiprocessing.Queue`, except that every numpy array,
+bytes-like object (and CPU torch tensor, when torch is imported) of at least
+``min_nbytes`` -- the argument itself or anywhere inside it: in tuples,
+lists, dicts, or attributes of any picklable object -- is put into the
+store by the sender and read zero-copy by the receiver.  Only a reference
+(about a hundred bytes) goes through the pipe.  Both ways: arguments to
+the workers, results back.
+
+    store = dedupshm.Store("job", create=True)
+    with dedupshm.pool.Pool(4, store=store) as pool:
+        results = pool.map(f, [(big, i) for i in range(100)])   # big stored once
+
+What the receiver gets:
+
+* numpy arrays: read-only arrays over the store's shared memory
+  (``writable=True``: private copy-on-write arrays, still zero-copy until
+  written);
+* ``bytes``/``bytearray``/``memoryview``: a read-only ``memoryview``
+  (``bytes(mv)`` makes a copy);
+* torch tensors: tensors over a private copy-on-write mapping of the shared
+  pages (torch has no read-only tensors).
+
+Identical values are stored once: the same object passed to many tasks of
+one call is put once, and equal content put by different tasks or workers
+shares pages (the store dedups).  What a pool or queue puts is freed when
+no longer referenced: the sender's reference is dropped as soon as the
+message is built; the message carries its own reference (see
+:class:`dedupshm.ObjectRef`), which the receiver takes over; the receiver's
+value keeps the memory alive until it is released.  A message that is
+never received (a worker killed, a queue never drained) keeps its values
+until the store's ``transit_ttl`` (default 1 h) runs out and ``gc()``
+runs.  Tasks that wait in a pool's queue longer than ``transit_ttl`` fail
+with KeyError: give the store a longer ``transit_ttl`` for such pools.
+"""
+import collections
+import concurrent.futures as cf
+import io
+import multiprocessing
+import multiprocessing.pool
+import pickle
+import sys
+import threading
+import weakref
+from multiprocessing.reduction import ForkingPickler
+
+import numpy as np
+
+__all__ = ["Pool", "ProcessPoolExecutor", "Queue", "pack", "DEFAULT_MIN_NBYTES"]
+
+#: Values of at least this many bytes travel through the store by default.
+DEFAULT_MIN_NBYTES = 1 << 20
+
+# ---------------------------------------------------------------- stores
+
+_stores = weakref.WeakValueDictionary()     # (name, directory) -> Store
+_kept = {}                                   # stores a worker keeps attached
+_stores_lock = threading.Lock()
+
+
+def _attached(name, directory, keep=False):
+    """This process's Store object for (name, directory).  Attaching once
+    per use would be wasteful; keeping every store attached forever would
+    pin the memory of unlinked stores, so only ``keep=True`` (pool
+    workers) holds on; other users hold their own Store object."""
+    key = (name, directory)
+    with _stores_lock:
+        s = _stores.get(key)
+        if s is None or s.closed:
+            from .store import Store
+            s = Store(name, directory=directory)
+            _stores[key] = s
+        if keep:
+            _kept[key] = s
+        return s
+
+
+def _store_id(store):
+    return (store.name, store.directory)
+
+
+# ---------------------------------------------------------------- packing
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _classify(obj):
+    """("nd" | "b" | "t", nbytes) for a value that may travel by reference,
+    else (None, 0)."""
+    t = type(obj)
+    if t is np.ndarray:
+        if obj.dtype.hasobject:
+            return None, 0
+        return "nd", obj.nbytes
+    if t is bytes or t is bytearray:
+        return "b", len(obj)
+    if t is memoryview:
+        return "b", obj.nbytes
+    torch = _torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return "t", obj.numel() * obj.element_size()
+    return None, 0
+
+
+class _Packer:
+    """Packs values for one call: large buffers are put into the store
+    (each object once per packer, remembered by identity while it lives)."""
+
+    _LRU_STRONG = 4     # bytes-likes cannot be weakly referenced
+
+    def __init__(self, store, min_nbytes):
+        self.store = store
+        self.min_nbytes = min_nbytes
+        self.sid = _store_id(store)
+        self._weak = {}                               # id -> (weakref, ObjectRef)
+        self._strong = collections.OrderedDict()      # id -> (obj, ObjectRef)
+
+    def _remember(self, obj, ref):
+        try:
+            wr = weakref.ref(obj, lambda _, i=id(obj), d=self._weak: d.pop(i, None))
+        except TypeError:
+            self._strong[id(obj)] = (obj, ref)
+            while len(self._strong) > self._LRU_STRONG:
+                self._strong.popitem(last=False)
+            return
+        self._weak[id(obj)] = (wr, ref)
+
+    def _recall(self, obj):
+        e = self._weak.get(id(obj))
+        if e is not None and e[0]() is obj:
+            return e[1]
+        e = self._strong.get(id(obj))
+        if e is not None and e[0] is obj:
+            self._strong.move_to_end(id(obj))
+            return e[1]
+        return None
+
+    def persistent_id(self, obj):
+        kind, n = _classify(obj)
+        if kind is None or n < self.min_nbytes:
+            return None
+        ref = self._recall(obj)
+        meta = None
+        if kind == "t":
+            from .torch import tensor_to_array
+            arr, meta = tensor_to_array(obj)
+            if arr is None:                 # not a CPU tensor: pickle it normally
+                return None
+            value = arr
+        else:
+            value = obj
+        if ref is None:
+            ref = self.store.put(value)
+            self._remember(obj, ref)
+        return ("dedupshm", self.sid[0], self.sid[1], ref, kind, meta)
+
+    def pack(self, obj):
+        """A :class:`_Packed` message for obj."""
+        f = io.BytesIO()
+        p = ForkingPickler(f, pickle.HIGHEST_PROTOCOL)
+        p.persistent_id = self.persistent_id
+        p.dump(obj)
+        return _Packed(f.getvalue())
+
+    def close(self):
+        self._weak.clear()
+        self._strong.clear()
+
+
+_tls = threading.local()
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, f, writable):
+        super().__init__(f)
+        self._writable = writable
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "dedupshm"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, name, directory, ref, kind, meta = pid
+        store = _attached(name, directory)
+        if kind == "t":
+            from .torch import array_to_tensor
+            return array_to_tensor(store.get(ref, writable=True), meta)
+        value = store.get(ref, writable=self._writable)
+        if kind == "b" and not isinstance(value, memoryview):
+            value = memoryview(value)
+        return value
+
+
+class _Packed:
+    """A pickled value whose large buffers are in a store.  ``value()``
+    unpacks it (once: later calls return the same object)."""
+
+    __slots__ = ("data", "_value", "_lock")
+    _UNSET = object()
+
+    def __init__(self, data):
+        self.data = data
+        self._value = self._UNSET
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        return (_Packed, (self.data,))
+
+    def value(self, writable=False):
+        if self._value is self._UNSET:
+            with self._lock:
+                if self._value is self._UNSET:
+                    self._value = _Unpickler(io.BytesIO(self.data), writable).load()
+                    self.data = None
+        return self._value
+
+
+def pack(obj, store, min_nbytes=DEFAULT_MIN_NBYTES):
+    """Pack ``obj`` for sending: large buffers go into ``store``.  Send the
+    result through any pipe or queue; the receiver calls ``.value()``."""
+    p = _Packer(store, min_nbytes)
+    try:
+        return p.pack(obj)
+    finally:
+        p.close()
+
+
+# ---------------------------------------------------------------- the worker side
+
+class _Task:
+    """The function a worker runs: unpacks its argument, calls the user's
+    function, packs the result.  Picklable (the store travels by name)."""
+
+    __slots__ = ("func", "name", "directory", "min_nbytes", "writable", "mode")
+
+    def __init__(self, func, store, min_nbytes, writable, mode):
+        self.func = func
+        self.name, self.directory = _store_id(store)
+        self.min_nbytes = min_nbytes
+        self.writable = writable
+        self.mode = mode               # "one": f(x), "star": f(*x), "apply": f(*a, **kw)
+
+    def __getstate__(self):
+        return (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode)
+
+    def __setstate__(self, state):
+        (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode) = state
+
+    def __call__(self, packed):
+        _attached(self.name, self.directory, keep=True)
+        arg = packed.value(self.writable) if isinstance(packed, _Packed) else packed
+        if self.mode == "one":
+            result = self.func(arg)
+        elif self.mode == "star":
+            result = self.func(*arg)
+        else:
+            args, kwargs = arg
+            result = self.func(*args, **kwargs)
+        del arg, packed
+        return pack(result, _attached(self.name, self.directory, keep=True), self.min_nbytes)
+
+
+def _unpacked(v, writable):
+    return v.value(writable) if isinstance(v, _Packed) else v
+
+
+def _check_min(min_nbytes):
+    if isinstance(min_nbytes, bool) or not isinstance(min_nbytes, int):
+        raise TypeError("min_nbytes must be an int")
+    if min_nbytes < 1:
+        raise ValueError("min_nbytes must be >= 1")
+    return min_nbytes
+
+
+def _check_store(store):
+    from .store import Store
+    if not isinstance(store, Store):
+        raise TypeError(f"store must be a dedupshm.Store, not {type(store).__name__}")
+    store._c()              # StoreClosedError if closed
+    with _stores_lock:
+        cur = _stores.get(_store_id(store))
+        if cur is None or cur.closed:
+            _stores[_store_id(store)] = store
+    return store
+
+
+# ---------------------------------------------------------------- Pool
+
+class AsyncResult:
+    """Like multiprocessing.pool.AsyncResult; ``get()`` returns the unpacked value."""
+
+    def __init__(self, inner, writable, many):
+        self._inner = inner
+        self._writable = writable
+        self._many = many
+
+    def _convert(self, v):
+        if self._many:
+            return [_unpacked(x, self._writable) for x in v]
+        return _unpacked(v, self._writable)
+
+    def get(self, timeout=None):
+        return self._convert(self._inner.get(timeout))
+
+    def wait(self, timeout=None):
+        self._inner.wait(timeout)
+
+    def ready(self):
+        return self._inner.ready()
+
+    def successful(self):
+        return self._inner.successful()
+
+
+class _ResultIterator:
+    """Like multiprocessing.pool.IMapIterator; yields unpacked values."""
+
+    def __init__(self, inner, writable):
+        self._inner = inner
+        self._writable = writable
+
+    def __iter__(self):
+        return self
+
+    def next(self, timeout=None):
+        inner = self._inner
+        if hasattr(inner, "next"):
+            return _unpacked(inner.next(timeout), self._writable)
+        return _unpacked(next(inner), self._writable)    # chunksize > 1: a generator
+
+    __next__ = next
+
+
+class Pool:
+    """A :class:`multiprocessing.pool.Pool` whose large arguments and
+    results travel through ``store`` (see the module docstring).
+
+    ``Pool(processes=None, *, store, min_nbytes=1 MiB, writable=False,
+    initializer=None, initargs=(), maxtasksperchild=None, context=None)``.
+    Values of at least ``min_nbytes`` bytes travel by reference; they
+    arrive read-only unless ``writable`` (then copy-on-write)."""
+
+    def __init__(self, processes=None, *, store, min_nbytes=DEFAULT_MIN_NBYTES,
+                 writable=False, **kw):
+        self._store = _check_store(store)
+        self._min = _check_min(min_nbytes)
+        self._writable = bool(writable)
+        self._pool = multiprocessing.pool.Pool(processes, **kw)
+
+    @property
+    def store(self):
+        return self._store
+
+    def _task(self, func, mode):
+        return _Task(func, self._store, self._min, self._writable, mode)
+
+    def _pack_all(self, iterable):
+        p = _Packer(self._store, self._min)
+        try:
+            return [p.pack(x) for x in iterable]
+        finally:
+            p.close()
+
+    def _pack_lazily(self, iterable):
+        p = _Packer(self._store, self._min)
+        try:
+            for x in iterable:
+                yield p.pack(x)
+        finally:
+            p.close()
+
+    # -- blocking
+    def apply(self, func, args=(), kwds={}):
+        return self.apply_async(func, args, kwds).get()
+
+    def map(self, func, iterable, chunksize=None):
+        return self.map_async(func, iterable, chunksize).get()
+
+    def starmap(self, func, iterable, chunksize=None):
+        return self.starmap_async(func, iterable, chunksize).get()
+
+    # -- asynchronous
+    def _callbacks(self, callback, error_callback, many):
+        if callback is None:
+            return None
+        writable = self._writable
+
+        def cb(v):
+            try:
+                v = [_unpacked(x, writable) for x in v] if many else _unpacked(v, writable)
+            except Exception as e:  # noqa: BLE001 - never kill the result handler
+                if error_callback is not None:
+                    error_callback(e)
+                return
+            callback(v)
+        return cb
+
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+        packed = self._pack_all([(tuple(args), dict(kwds))])[0]
+        r = self._pool.apply_async(self._task(func, "apply"), (packed,), {},
+                                   self._callbacks(callback, error_callback, False), error_callback)
+        return AsyncResult(r, self._writable, False)
+
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        packed = self._pack_all(iterable)
+        r = self._pool.map_async(self._task(func, "one"), packed, chunksize,
+                                 self._callbacks(callback, error_callback, True), error_callback)
+        return AsyncResult(r, self._writable, True)
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        packed = self._pack_all(iterable)
+        r = self._pool.map_async(self._task(func, "star"), packed, chunksize,
+                                 self._callbacks(callback, error_callback, True), error_callback)
+        return AsyncResult(r, self._writable, True)
+
+    def imap(self, func, iterable, chunksize=1):
+        it = self._pool.imap(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
+        return _ResultIterator(it, self._writable)
+
+    def imap_unordered(self, func, iterable, chunksize=1):
+        it = self._pool.imap_unordered(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
+        return _ResultIterator(it, self._writable)
+
+    # -- lifecycle
+    def close(self):
+        self._pool.close()
+
+    def terminate(self):
+        self._pool.terminate()
+
+    def join(self):
+        self._pool.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.terminate()
+
+    def __reduce__(self):
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    def __repr__(self):
+        return f"<dedupshm.pool.Pool over {self._store.name!r} {self._pool!r}>"
+
+
+# ---------------------------------------------------------------- ProcessPoolExecutor
+
+class _Future(cf.Future):
+    """The caller's future: the inner future's result, unpacked."""
+
+    def __init__(self, inner, writable):
+        super().__init__()
+        self._inner = inner
+        self._writable = writable
+        inner.add_done_callback(self._copy)
+
+    def cancel(self):
+        return self._inner.cancel()
+
+    def _copy(self, f):
+        if f.cancelled():
+            super().cancel()
+            return
+        if not self.set_running_or_notify_cancel():
+            return
+        exc = f.exception()
+        if exc is not None:
+            self.set_exception(exc)
+            return
+        try:
+            v = _unpacked(f.result(), self._writable)
+        except BaseException as e:  # noqa: BLE001 - delivered to the caller
+            self.set_exception(e)
+        else:
+            self.set_result(v)
+
+
+class ProcessPoolExecutor(cf.Executor):
+    """A :class:`concurrent.futures.ProcessPoolExecutor` whose large
+    arguments and results travel through ``store`` (see the module
+    docstring).  Other keywords (``mp_context``, ``initializer``,
+    ``initargs``, ``max_tasks_per_child``) go to the executor."""
+
+    def __init__(self, max_workers=None, *, store, min_nbytes=DEFAULT_MIN_NBYTES,
+                 writable=False, **kw):
+        self._store = _check_store(store)
+        self._min = _check_min(min_nbytes)
+        self._writable = bool(writable)
+        self._executor = cf.ProcessPoolExecutor(max_workers, **kw)
+
+    @property
+    def store(self):
+        return self._store
+
+    def submit(self, fn, /, *args, **kwargs):
+        packed = pack((args, kwargs), self._store, self._min)
+        inner = self._executor.submit(_Task(fn, self._store, self._min, self._writable, "apply"),
+                                      packed)
+        return _Future(inner, self._writable)
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        p = _Packer(self._store, self._min)
+        try:
+            packed = [p.pack(args) for args in zip(*iterables)]
+        finally:
+            p.close()
+        it = self._executor.map(_Task(fn, self._store, self._min, self._writable, "star"),
+                                packed, timeout=timeout, chunksize=chunksize)
+        del packed
+        writable = self._writable
+
+        def results():
+            for v in it:
+                yield _unpacked(v, writable)
+        return results()
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        self._executor.shutdown(wait, cancel_futures=cancel_futures)
+
+
+# ---------------------------------------------------------------- Queue
+
+class Queue:
+    """A :class:`multiprocessing.Queue` whose large values travel through
+    ``store``: ``put`` stores them (in the caller's thread) and sends
+    references, ``get`` returns the values zero-copy.  Pass it to child
+    processes as you would a multiprocessing queue (as a Process argument
+    or through a pool's initargs)."""
+
+    def __init__(self, maxsize=0, *, store, min_nbytes=DEFAULT_MIN_NBYTES, writable=False,
+                 ctx=None):
+        self._store = _check_store(store)
+        self._sid = _store_id(store)
+        self._min = _check_min(min_nbytes)
+        self._writable = bool(writable)
+        self._q = (ctx or multiprocessing.get_context()).Queue(maxsize)
+
+    def __getstate__(self):
+        return (self._q, self._sid, self._min, self._writable)
+
+    def __setstate__(self, state):
+        self._q, self._sid, self._min, self._writable = state
+        self._store = _attached(*self._sid)
+
+    def put(self, obj, block=True, timeout=None):
+        self._q.put(pack(obj, self._store, self._min), block, timeout)
+
+    def put_nowait(self, obj):
+        self.put(obj, False)
+
+    def get(self, block=True, timeout=None):
+        return _unpacked(self._q.get(block, timeout), self._writable)
+
+    def get_nowait(self):
+        return self.get(False)
+
+    def qsize(self):
+        return self._q.qsize()
+
+    def empty(self):
+        return self._q.empty()
+
+    def full(self):
+        return self._q.full()
+
+    def close(self):
+        self._q.close()
+
+    def join_thread(self):
+        self._q.join_thread()
+
+    def cancel_join_thread(self):
+        self._q.cancel_join_thread()
