@@ -98,7 +98,7 @@ typedef struct ds_stats {
     uint64_t pages_unshared; /* stable mergeable pages with no partner yet */
     uint64_t pages_volatile; /* mergeable pages that changed between looks */
     uint64_t full_scans;     /* completed passes over a process's mergeable memory */
-    uint64_t pages_scanned;
+    uint64_t pages_scanned;  /* pages the mergers walked (merged ones included) */
     uint64_t merger_cpu_ns;
 } ds_stats;
 

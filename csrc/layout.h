@@ -194,7 +194,7 @@ typedef struct ds_header {
     uint64_t warm_pages;     /* freed pages kept backed, at most */
     uint64_t hints_off;      /* merger hint table */
     uint32_t hints_mask;     /* entries - 1 (a power of two) */
-    uint32_t hints_backed;   /* under lock: 1 once the first merger backed the table */
+    uint32_t hints_active;   /* under lock: entries in use - 1; grows with mergeable memory */
     uint32_t transit_ttl;    /* seconds */
     uint32_t state;          /* DS_ST_READY once initialised */
     uint8_t pad0[64];
@@ -220,6 +220,7 @@ typedef struct ds_header {
     /* merger counters (summed over processes) */
     uint64_t full_scans, pages_scanned, merger_cpu_ns;
     uint64_t transit_walk;   /* when gc last looked for expired transit handles (s) */
+    uint64_t mergeable_pages;/* pages of all live merge regions (sizes the hint table) */
 } ds_header;
 
 /* ---- the per-process handle (private memory) ---------------------------- */
@@ -273,6 +274,7 @@ uint32_t ds_page_find(ds_store *s, uint64_t fp, const void *bytes);
 int  ds_page_publish(ds_store *s, uint32_t page, uint64_t fp);
 int  ds_pool_reserve(ds_store *s, const uint32_t *pages, uint32_t n);
 void ds_page_free_raw(ds_store *s, uint32_t page);
+void ds_page_decref_cold(ds_store *s, uint32_t page);
 int  ds_pmeta_ensure(ds_store *s, uint32_t page);
 /* merger.c */
 void ds_merger_after_fork(ds_store *s);

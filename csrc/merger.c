@@ -342,13 +342,20 @@ int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
     rc = ds_lock(s);
     if (rc) goto fail;
     ds_header *h = s->hdr;
-    if (!h->hints_backed) {                  /* the hint table costs memory only with a merger */
-        uint64_t len = ((uint64_t)h->hints_mask + 1) * sizeof(ds_hint);
-        if (ds_back(s, h->hints_off, (len + 4095) & ~4095ull) != 0) { ds_unlock(s); rc = DS_EFULL; goto fail; }
-        h->hints_backed = 1;
+    /* the hint table costs memory only with mergers, in proportion to
+     * their memory: one entry per two mergeable pages (a lossy table, so
+     * growing it just forgets some hints) */
+    uint64_t want = 4096;
+    while (want < (h->mergeable_pages + n) / 2 && want <= h->hints_mask) want <<= 1;
+    if (want > (uint64_t)h->hints_mask + 1) want = (uint64_t)h->hints_mask + 1;
+    if (want > (uint64_t)h->hints_active + 1 || h->mergeable_pages == 0) {
+        uint64_t len = (want * sizeof(ds_hint) + 4095) & ~4095ull;
+        if (ds_back(s, h->hints_off, len) != 0) { ds_unlock(s); rc = DS_EFULL; goto fail; }
+        if (want - 1 > h->hints_active) h->hints_active = (uint32_t)(want - 1);
     }
     r->chunk = ds_chunk_alloc(s, sizeof(ds_pending) + 4ull * n, DS_K_MERGE);
     if (r->chunk) {
+        h->mergeable_pages += n;
         ds_pending *mg = (ds_pending *)DS_CHUNK(s, r->chunk);
         mg->npages = n;
         mg->size = nbytes;
@@ -384,6 +391,7 @@ static void region_destroy(ds_store *s, struct ds_merger *m, region *r, int rele
         if (mg->h.kind == DS_K_MERGE && mg->owner == s->slot) {
             for (uint32_t k = 0; k < mg->npages; k++)
                 if (mg->pages[k] != DS_ZERO) { ds_page_decref(s, mg->pages[k]); merged++; }
+            s->hdr->mergeable_pages -= s->hdr->mergeable_pages >= mg->npages ? mg->npages : s->hdr->mergeable_pages;
             ds_chunk_free(s, r->chunk);
         }
         ds_client *c = DS_CLIENT(s, s->slot);
@@ -558,7 +566,7 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
             continue;
         }
         /* stable and not in the pool: the hint table, 4-way associative */
-        ds_hint *set = &hints[fps[i] & h->hints_mask & ~3u];
+        ds_hint *set = &hints[fps[i] & h->hints_active & ~3u];
         uint32_t tag = (uint32_t)(fps[i] >> 32), me = s->slot + 1;
         int hit = -1, empty = -1, own = -1;
         for (int w = 0; w < 4; w++) {
@@ -575,10 +583,11 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
             int w = empty >= 0 ? empty : own >= 0 ? own : (int)(tag & 3);
             set[w].tag = tag;
             set[w].owner = me;
+        } else {
+            age_up(r, p);                    /* waited a pass already: look less often */
         }
         lonely[nlonely++] = i;
         m->pass_unshared++;
-        age_up(r, p);
     }
     /* a partner for part of a batch usually has the rest too (same data,
      * same layout): promote the batch's other stable pages with it, so the
@@ -632,7 +641,7 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
             if (other != DS_NIL) {
                 ds_page_incref(s, other);
                 mg->pages[first + i] = other;
-                ds_page_decref(s, target[i]);
+                ds_page_decref_cold(s, target[i]);
                 target[i] = other;
                 act[i] = A_MERGE;
             } else {
@@ -750,7 +759,7 @@ int ds_merge_scan(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
     uint64_t cpu = thread_cpu_ns() - t0;
     out->cpu_ns = cpu;
     if (ds_lock(s) == 0) {
-        s->hdr->pages_scanned += st.scanned;
+        s->hdr->pages_scanned += out->visited;     /* ksmd's meaning: pages walked */
         s->hdr->merger_cpu_ns += cpu;
         ds_unlock(s);
     }

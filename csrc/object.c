@@ -417,7 +417,7 @@ static void *put_range(void *arg) {
             if (other != DS_NIL) {
                 ds_page_incref(s, other);
                 pd->pages[c + i] = j->pages[c + i] = other;
-                ds_page_decref(s, fresh[k]);
+                ds_page_decref_cold(s, fresh[k]);
             } else {
                 ds_page_publish(s, fresh[k], fps[i]);
             }

@@ -143,7 +143,24 @@ void ds_page_incref(ds_store *s, uint32_t page) {
 
 /* The page's last reference is gone: unindex it, free it, keep it warm or
  * return its memory. */
-void ds_page_free_raw(ds_store *s, uint32_t page) {
+static void page_free(ds_store *s, uint32_t page, int keep_warm);
+
+void ds_page_free_raw(ds_store *s, uint32_t page) { page_free(s, page, 1); }
+
+/* Drop a reference; a page freed by it goes straight back to the OS (for
+ * pages that lost a publish race: keeping them warm would only hold
+ * memory that concurrent puts of the same content just duplicated). */
+void ds_page_decref_cold(ds_store *s, uint32_t page) {
+    ds_pmeta *m = DS_PMETA(s, page);
+    if (m->refcnt == 1) {
+        m->refcnt = 0;
+        page_free(s, page, 0);
+    } else {
+        ds_page_decref(s, page);
+    }
+}
+
+static void page_free(ds_store *s, uint32_t page, int keep_warm) {
     ds_header *h = s->hdr;
     ds_pmeta *m = DS_PMETA(s, page);
     if (m->next != DS_UNHASHED) ds_lh_remove(s, &h->pages_ix, &ds_pages_ops, page);
@@ -153,7 +170,7 @@ void ds_page_free_raw(ds_store *s, uint32_t page) {
     h->pages_used--;
     if (!bit_get(bm_backed(s), page)) {
         /* never backed: nothing to return */
-    } else if (h->warm_free < h->warm_pages) {
+    } else if (keep_warm && h->warm_free < h->warm_pages) {
         h->warm_free++;
     } else {
         fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,

@@ -204,6 +204,7 @@ static int init_store(ds_store *s, uint64_t capacity, uint64_t warm_bytes,
     h->warm_pages = warm_bytes / DS_PAGE_SIZE;
     h->hints_off = hints_off;
     h->hints_mask = (uint32_t)(hints - 1);
+    h->hints_active = 4095;
     h->transit_ttl = ttl;
     h->heap_top = 1;
     h->gen_seq = 1;
@@ -365,6 +366,7 @@ static uint32_t release_client(ds_store *s, uint32_t slot, uint32_t *objs) {
             ds_pending *mg = (ds_pending *)c;
             for (uint32_t k = 0; k < mg->npages; k++)
                 if (mg->pages[k] != DS_ZERO) ds_page_decref(s, mg->pages[k]);
+            h->mergeable_pages -= h->mergeable_pages >= mg->npages ? mg->npages : h->mergeable_pages;
             ds_chunk_free(s, (uint32_t)id);
         }
     }
@@ -528,6 +530,7 @@ static void ds_rebuild(ds_store *s) {
     h->objects = h->keys = h->logical_bytes = h->small_bytes = h->handles = 0;
     h->pages_used = h->pages_shared = h->pages_sharing = h->pages_zero = 0;
     h->transit = 0;
+    h->mergeable_pages = 0;
     for (uint32_t i = 0; i < h->max_clients; i++) DS_CLIENT(s, i)->handles = 0;
 
     /* pass 0: zero chunk refcounts */
@@ -613,6 +616,7 @@ static void ds_rebuild(ds_store *s) {
                 ds_chunk_free(s, (uint32_t)id);
                 continue;
             }
+            h->mergeable_pages += mg->npages;
             for (uint32_t k = 0; k < mg->npages; k++) {
                 uint32_t pg = mg->pages[k];
                 if (pg == DS_ZERO || pg >= hwm) continue;

@@ -14,6 +14,8 @@ from ._native import merger_wp_mode as wp_mode  # noqa: F401 - public
 DEFAULT_SLEEP_MS = 20
 DEFAULT_TARGET_SCAN_S = 0.2
 DEFAULT_MAX_CPU = 0.25
+#: Longest sleep between scans while nothing changes.
+IDLE_MAX_S = 0.5
 #: Share of vm.max_map_count the merger may use for the mappings it creates.
 DEFAULT_VMA_SHARE = 0.25
 
@@ -104,6 +106,7 @@ class Merger:
             return
         cpu_per_page = 1e-6            # seconds; learned as we go
         total = 0
+        idle = 0
         n = pages_to_scan or 256
         while not stop.is_set():
             t0 = time.perf_counter()
@@ -126,6 +129,13 @@ class Merger:
                 pause = max(sleep_s, busy * (1 - max_cpu) / max_cpu)
             else:
                 pause = sleep_s
+            # nothing happening (all merged or waiting): wake less often, up
+            # to IDLE_MAX_S; any change brings the normal pace back
+            active = (info["merged"] or info["unmerged"] or info["promoted"] or info["zeroed"]
+                      or info["scanned"] * 4 > info["visited"] - info["skipped"])   # still settling
+            idle = 0 if active else min(idle + 1, 6)
+            if idle:
+                pause = max(pause, min(IDLE_MAX_S, sleep_s * (1 << idle)))
             if not total:
                 pause = max(pause, 0.1)
             stop.wait(pause)
