@@ -375,18 +375,20 @@ static void *put_range(void *arg) {
                 missidx[nmiss++] = i;
             }
         }
-        rc = alloc_fresh(j, pd, c, missidx, nmiss, fresh);
+        if (ncand == 0) rc = alloc_fresh(j, pd, c, missidx, nmiss, fresh);
         ds_unlock(s);
         if (rc) { j->rc = rc; return NULL; }
-        /* no lock: verify every match byte for byte (the pages are ours to
-         * read: we hold references and published pages never change) */
-        uint32_t nfalse = 0;
-        for (uint32_t k = 0; k < ncand; k++) {
-            uint32_t i = candidx[k];
-            if (memcmp(DS_POOL_RO(s, j->pages[c + i]), j->src[c + i].p, DS_PAGE_SIZE) != 0)
-                falseidx[nfalse++] = i;
-        }
-        if (nfalse) {                     /* a fingerprint collision: give it back */
+        if (ncand) {
+            /* no lock: verify every match byte for byte (the pages are ours
+             * to read: we hold references, published pages never change) */
+            uint32_t nfalse = 0;
+            for (uint32_t k = 0; k < ncand; k++) {
+                uint32_t i = candidx[k];
+                if (memcmp(DS_POOL_RO(s, j->pages[c + i]), j->src[c + i].p, DS_PAGE_SIZE) != 0)
+                    falseidx[nfalse++] = i;
+            }
+            /* lock: give back fingerprint collisions, then allocate fresh
+             * pages for everything else in value order (one run, not bits) */
             rc = ds_lock(s);
             if (rc) { j->rc = rc; return NULL; }
             pd = (ds_pending *)DS_CHUNK(s, j->pend);
@@ -395,10 +397,14 @@ static void *put_range(void *arg) {
                 ds_page_decref(s, j->pages[c + i]);
                 pd->pages[c + i] = j->pages[c + i] = DS_ZERO;
             }
-            rc = alloc_fresh(j, pd, c, falseidx, nfalse, fresh + nmiss);
+            uint32_t a = 0, b = 0, nall = 0, all[PUT_CHUNK];
+            while (a < nmiss || b < nfalse)      /* merge two ascending lists */
+                all[nall++] = (b >= nfalse || (a < nmiss && missidx[a] < falseidx[b])) ? missidx[a++] : falseidx[b++];
+            rc = alloc_fresh(j, pd, c, all, nall, fresh);
             ds_unlock(s);
             if (rc) { j->rc = rc; return NULL; }
-            for (uint32_t k = 0; k < nfalse; k++) missidx[nmiss++] = falseidx[k];
+            memcpy(missidx, all, 4ull * nall);
+            nmiss = nall;
         }
         rc = ds_pool_reserve(s, fresh, nmiss);
         if (rc) { j->rc = rc; return NULL; }
