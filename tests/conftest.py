@@ -218,3 +218,21 @@ def procs():
 @pytest.fixture
 def shmem():
     return helpers.shmem_bytes
+
+
+@pytest.fixture
+def tstore():
+    """A 1 GiB store for the integration tests; its name is also in
+    $TI_STORE for forked workers.  Unlinked, and checked to leave no file."""
+    import dedupshm
+    name = f"ti{os.getpid()}-{uuid.uuid4().hex[:10]}"
+    s = dedupshm.Store(name, create=True, capacity="1GiB")
+    os.environ["TI_STORE"] = name
+    try:
+        yield s
+    finally:
+        gc.collect()
+        s.unlink()
+        s.close()
+        left = [f for f in os.listdir(SHM_DIR) if f.startswith(f"dedupshm.{name}.")]
+        assert not left, left

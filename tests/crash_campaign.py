@@ -15,7 +15,6 @@ is back at the store's empty baseline.
     python tests/crash_campaign.py --kills 200 --seed 1  # what CI runs
 """
 import argparse
-import hashlib
 import multiprocessing as mp
 import os
 import random

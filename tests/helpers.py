@@ -200,3 +200,38 @@ def open_store(name, directory=None, **kw):
 def store_files(name, directory=None):
     d = directory or SHM_DIR
     return [os.path.join(d, f"dedupshm.{name}.index"), os.path.join(d, f"dedupshm.{name}.pool")]
+
+
+# ---------------------------------------------------------------- integrations
+
+def addr_in_pool(addr, name):
+    """True if address addr lies in a mapping of store name's pool file."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= addr < hi:
+                return len(parts) > 5 and f"dedupshm.{name}.pool" in parts[5]
+    return False
+
+
+def in_store(obj, name):
+    """True if the first byte of obj (array, buffer or CPU tensor) is in the store's pool."""
+    if hasattr(obj, "data_ptr"):
+        addr = obj.data_ptr()
+    elif isinstance(obj, np.ndarray):
+        addr = obj.__array_interface__["data"][0]
+    else:
+        addr = np.frombuffer(obj, dtype=np.uint8).__array_interface__["data"][0]
+    return addr_in_pool(addr, name)
+
+
+def wait_objects(store, n, timeout=10):
+    """Poll (collecting garbage) until the store holds n objects; returns the count seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        got = store.stats()["objects"]
+        if got == n or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)

@@ -1,5 +1,4 @@
 """The merger: mergeable memory, ksmd-style merging, copy-on-write, no lost writes."""
-import ctypes
 import gc
 import multiprocessing as mp
 import os

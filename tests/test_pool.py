@@ -7,59 +7,16 @@ import multiprocessing as mp
 import os
 import pickle
 import time
-import uuid
 
 import numpy as np
 import pytest
 
-import dedupshm
+from helpers import in_store, wait_objects
 from dedupshm.pool import Pool, ProcessPoolExecutor, Queue, pack
 
 MIN = 64 << 10          # small threshold keeps the tests fast
 FORK = mp.get_context("fork")
 
-
-@pytest.fixture
-def tstore():
-    name = f"ti{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    s = dedupshm.Store(name, create=True, capacity="1GiB")
-    os.environ["TI_STORE"] = name           # for describe() in forked workers
-    try:
-        yield s
-    finally:
-        gc.collect()
-        s.unlink()
-        s.close()
-        left = [f for f in os.listdir("/dev/shm") if f.startswith(f"dedupshm.{name}.")]
-        assert not left, left
-
-
-def in_store(obj, name):
-    """True if obj's first byte lies in a mapping of the store's pool file."""
-    if isinstance(obj, np.ndarray):
-        addr = obj.__array_interface__["data"][0]
-    else:
-        addr = np.frombuffer(obj, dtype=np.uint8).__array_interface__["data"][0]
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= addr < hi:
-                return len(parts) > 5 and f"dedupshm.{name}.pool" in parts[5]
-    return False
-
-
-def wait_objects(store, n, timeout=10):
-    deadline = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        got = store.stats()["objects"]
-        if got == n or time.monotonic() > deadline:
-            return got
-        time.sleep(0.05)
-
-
-# ---- worker functions (top level: picklable)
 
 def describe(x):
     """What the worker received: type, writeable, in the store, checksum."""

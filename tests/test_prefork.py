@@ -1,48 +1,22 @@
 """dedupshm.server with real processes: shared_load loads once for many
 processes, survives a loader that dies or raises, times out; load_mergeable
 copies are merged; and a real gunicorn serves from one copy."""
-import gc
 import multiprocessing as mp
 import os
 import signal
 import sys
 import time
-import uuid
 
 import numpy as np
 import pytest
 
 import dedupshm
+from helpers import in_store
 from dedupshm.server import _marker_key, _me, load_mergeable, shared_load
 
 FORK = mp.get_context("fork")
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
-
-
-@pytest.fixture
-def tstore():
-    name = f"ti{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    s = dedupshm.Store(name, create=True, capacity="1GiB")
-    try:
-        yield s
-    finally:
-        gc.collect()
-        s.unlink()
-        s.close()
-        left = [f for f in os.listdir("/dev/shm") if f.startswith(f"dedupshm.{name}.")]
-        assert not left, left
-
-
-def in_store(arr, name):
-    addr = arr.__array_interface__["data"][0]
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= addr < hi:
-                return len(parts) > 5 and f"dedupshm.{name}.pool" in parts[5]
-    return False
 
 
 def weights():

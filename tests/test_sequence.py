@@ -3,49 +3,23 @@ store.  List behaviour, pickling as a reference, lifetime, and the point of
 it all: reading it in other processes never copies its pages."""
 import gc
 import multiprocessing as mp
-import os
 import pickle
 import re
-import time
-import uuid
 
 import numpy as np
 import pytest
 
 import dedupshm
+from helpers import wait_objects
 from dedupshm.sequence import SharedSequence, put_sequence
 
 FORK = mp.get_context("fork")
 SPAWN = mp.get_context("spawn")
 
 
-@pytest.fixture
-def tstore():
-    name = f"ti{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    s = dedupshm.Store(name, create=True, capacity="1GiB")
-    try:
-        yield s
-    finally:
-        gc.collect()
-        s.unlink()
-        s.close()
-        left = [f for f in os.listdir("/dev/shm") if f.startswith(f"dedupshm.{name}.")]
-        assert not left, left
-
-
 def items(n):
     return [{"id": i, "name": f"item-{i}", "v": i * 0.5, "tags": ["a", "b"][: i % 3]}
             for i in range(n)]
-
-
-def wait_objects(store, n, timeout=10):
-    deadline = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        got = store.stats()["objects"]
-        if got == n or time.monotonic() > deadline:
-            return got
-        time.sleep(0.05)
 
 
 def test_behaves_like_a_list(tstore):

@@ -2,59 +2,20 @@
 once for all workers and epochs, identical samples share pages, batches
 travel through the store, and tensors map the store's pages without
 warnings."""
-import gc
 import multiprocessing as mp
-import os
-import time
-import uuid
 import warnings
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-import dedupshm  # noqa: E402
 from dedupshm.pool import Pool  # noqa: E402
 from dedupshm.torch import (CachedDataset, StoreCollate, get_tensor,  # noqa: E402
                             put_tensor)
+from helpers import in_store, wait_objects  # noqa: E402
 
 
 pytestmark = pytest.mark.limit(60)
-
-
-@pytest.fixture
-def tstore():
-    name = f"ti{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    s = dedupshm.Store(name, create=True, capacity="1GiB")
-    try:
-        yield s
-    finally:
-        gc.collect()
-        s.unlink()
-        s.close()
-        left = [f for f in os.listdir("/dev/shm") if f.startswith(f"dedupshm.{name}.")]
-        assert not left, left
-
-
-def in_store(t, name):
-    addr = t.data_ptr()
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= addr < hi:
-                return len(parts) > 5 and f"dedupshm.{name}.pool" in parts[5]
-    return False
-
-
-def wait_objects(store, n, timeout=10):
-    deadline = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        got = store.stats()["objects"]
-        if got == n or time.monotonic() > deadline:
-            return got
-        time.sleep(0.05)
 
 
 class Images(torch.utils.data.Dataset):
