@@ -27,6 +27,7 @@
 #define HEAP_BACK_STEP (64u << 10)
 
 static uint64_t g_cls_units[DS_NCLASSES];
+uint8_t ds_dummy[65536] __attribute__((aligned(64)));
 
 static void cls_init(void) {
     if (g_cls_units[0]) return;
@@ -57,6 +58,10 @@ uint32_t ds_chunk_alloc(ds_store *s, uint64_t bytes, uint8_t kind) {
     if (cls < 0) return 0;
     uint64_t units = g_cls_units[cls];
     uint32_t id = h->free_head[cls];
+    if (id && (DS_CHUNK(s, id)->kind != DS_K_FREE || DS_CHUNK(s, id)->cls != cls)) {
+        h->free_head[cls] = 0;               /* corrupt list: forget it (leaks, never overlaps) */
+        id = 0;
+    }
     if (id) {
         ds_chunk *c = DS_CHUNK(s, id);
         if (units * DS_UNIT >= PUNCH_MIN &&
@@ -76,7 +81,7 @@ uint32_t ds_chunk_alloc(ds_store *s, uint64_t bytes, uint8_t kind) {
             h->heap_backed = want;
         }
         id = (uint32_t)top;
-        ds_chunk *c = DS_CHUNK(s, id);
+        ds_chunk *c = DS_CHUNK_RAW(s, id);
         c->cls = (uint8_t)cls;
         c->kind = DS_K_FREE;
         /* header first, then the bump pointer: the heap stays walkable */
@@ -141,6 +146,8 @@ static uint32_t *lh_buckets(ds_store *s, ds_lhash *t) {
     return (uint32_t *)(s->ix + t->buckets_off);
 }
 
+static uint32_t lh_nil = DS_NIL;   /* stand-in bucket for a corrupt level/split */
+
 static uint32_t lh_nbuckets(ds_lhash *t) { return (1u << t->level) + t->split; }
 
 static uint32_t lh_slot(ds_lhash *t, uint32_t h) {
@@ -174,13 +181,15 @@ static void lh_split(ds_store *s, ds_lhash *t, const ds_lhops *ops) {
     uint32_t nb = lh_nbuckets(t);
     if (nb >= t->max_buckets) return;
     uint32_t old = t->split, hi = old + (1u << t->level);
+    if ((uint64_t)old * 4 + 4 > t->backed) return;   /* corrupt split: do not grow */
     if (lh_ensure(s, t, hi) != 0) return;   /* stay at this size: chains grow */
     uint32_t *bk = lh_buckets(s, t);
     uint32_t id = bk[old];
     bk[old] = DS_NIL;
     bk[hi] = DS_NIL;
     uint32_t mask = (2u << t->level) - 1;
-    while (id != DS_NIL) {
+    uint64_t guard = DS_CHAIN_MAX(t);
+    while (id != DS_NIL && guard--) {
         uint32_t *np = ops->next(s, id);
         uint32_t nx = *np;
         uint32_t dst = (ops->hash(s, id) & mask) == old ? old : hi;
@@ -194,6 +203,7 @@ static void lh_split(ds_store *s, ds_lhash *t, const ds_lhops *ops) {
 int ds_lh_insert(ds_store *s, ds_lhash *t, const ds_lhops *ops, uint32_t id) {
     uint32_t *bk = lh_buckets(s, t);
     uint32_t b = lh_slot(t, ops->hash(s, id));
+    if ((uint64_t)b * 4 + 4 > t->backed) return DS_ECORRUPT;
     *ops->next(s, id) = bk[b];
     bk[b] = id;
     t->count++;
@@ -202,8 +212,10 @@ int ds_lh_insert(ds_store *s, ds_lhash *t, const ds_lhops *ops, uint32_t id) {
 }
 
 void ds_lh_remove(ds_store *s, ds_lhash *t, const ds_lhops *ops, uint32_t id) {
-    uint32_t *p = &lh_buckets(s, t)[lh_slot(t, ops->hash(s, id))];
-    while (*p != DS_NIL) {
+    uint32_t b = lh_slot(t, ops->hash(s, id));
+    uint32_t *p = (uint64_t)b * 4 + 4 > t->backed ? &lh_nil : &lh_buckets(s, t)[b];
+    uint64_t guard = DS_CHAIN_MAX(t);
+    while (*p != DS_NIL && guard--) {
         if (*p == id) {
             *p = *ops->next(s, id);
             t->count--;
@@ -214,7 +226,9 @@ void ds_lh_remove(ds_store *s, ds_lhash *t, const ds_lhops *ops, uint32_t id) {
 }
 
 uint32_t ds_lh_first(ds_store *s, ds_lhash *t, uint32_t hash) {
-    return lh_buckets(s, t)[lh_slot(t, hash)];
+    uint32_t b = lh_slot(t, hash);
+    if ((uint64_t)b * 4 + 4 > t->backed) return DS_NIL;   /* corrupt level/split */
+    return lh_buckets(s, t)[b];
 }
 
 static uint32_t *page_next(ds_store *s, uint32_t pg) { return &DS_PMETA(s, pg)->next; }

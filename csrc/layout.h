@@ -29,6 +29,7 @@
 
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/types.h>
 #include "dedupshm.h"
 
@@ -285,8 +286,33 @@ void ds_object_decref(ds_store *s, uint32_t id);
 
 /* address helpers */
 #define DS_HDR(s)        ((s)->hdr)
-#define DS_CHUNK(s, id)  ((ds_chunk *)((s)->ix + (s)->hdr->heap_off + (uint64_t)(id) * DS_UNIT))
-#define DS_PMETA(s, pg)  (((ds_pmeta *)((s)->ix + (s)->hdr->pmeta_off)) + (pg))
+/* Chunk and page-meta accessors for ids read from shared memory: an id
+ * outside the heap (or a page outside the backed page meta) yields a
+ * process-local zeroed stand-in whose kind matches nothing, so corrupt
+ * metadata is reported by the callers' kind checks and never makes us
+ * read or write outside our mappings.  _RAW: for the allocator only. */
+extern uint8_t ds_dummy[65536];
+#define DS_CHUNK_RAW(s, id) ((ds_chunk *)((s)->ix + (s)->hdr->heap_off + (uint64_t)(id) * DS_UNIT))
+static inline ds_chunk *ds_chunk_at(ds_store *s, uint64_t id) {
+    if (id - 1 >= s->hdr->heap_top - 1) {          /* id == 0 or id >= heap_top */
+        memset(ds_dummy, 0, 256);
+        ((ds_chunk *)ds_dummy)->next = DS_NIL;      /* ends any chain it is found in */
+        return (ds_chunk *)ds_dummy;
+    }
+    return DS_CHUNK_RAW(s, id);
+}
+static inline ds_pmeta *ds_pmeta_at(ds_store *s, uint64_t pg) {
+    if (pg >= s->hdr->cap_pages || (pg + 1) * sizeof(ds_pmeta) > s->hdr->pmeta_backed) {
+        memset(ds_dummy, 0, 256);
+        ((ds_pmeta *)ds_dummy)->next = DS_NIL;
+        return (ds_pmeta *)ds_dummy;
+    }
+    return ((ds_pmeta *)(s->ix + s->hdr->pmeta_off)) + pg;
+}
+#define DS_CHUNK(s, id)  ds_chunk_at((s), (id))
+/* most links a chain walk follows before it calls the chain corrupt */
+#define DS_CHAIN_MAX(t)  ((uint64_t)(t)->count + 64)
+#define DS_PMETA(s, pg)  ds_pmeta_at((s), (pg))
 #define DS_CLIENT(s, i)  (((ds_client *)((s)->ix + (s)->hdr->clients_off)) + (i))
 #define DS_POOL_RO(s, pg) ((s)->pool_ro + (uint64_t)(pg) * DS_PAGE_SIZE)
 #define DS_POOL_RW(s, pg) ((s)->pool_rw + (uint64_t)(pg) * DS_PAGE_SIZE)

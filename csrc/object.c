@@ -48,7 +48,8 @@ static uint32_t key_hash(ds_store *s, const uint8_t *key, uint32_t keylen) {
 
 static uint32_t key_find(ds_store *s, const uint8_t *key, uint32_t keylen) {
     uint32_t kh = key_hash(s, key, keylen);
-    for (uint32_t x = ds_lh_first(s, &s->hdr->keys_ix, kh); x != DS_NIL; x = DS_CHUNK(s, x)->next) {
+    uint64_t guard = DS_CHAIN_MAX(&s->hdr->keys_ix);
+    for (uint32_t x = ds_lh_first(s, &s->hdr->keys_ix, kh); x != DS_NIL && guard--; x = DS_CHUNK(s, x)->next) {
         ds_object *o = obj_at(s, x);
         if (o->h.fp == kh && o->keylen == keylen && memcmp(o->key, key, keylen) == 0) return x;
     }
@@ -221,7 +222,9 @@ static int put_small(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
     if (rc) goto out;
     uint32_t bid = DS_NIL;
     if (dedup) {
-        for (uint32_t x = ds_lh_first(s, &h->blobs_ix, (uint32_t)fp); x != DS_NIL; x = DS_CHUNK(s, x)->next) {
+        uint64_t guard = DS_CHAIN_MAX(&h->blobs_ix);
+        for (uint32_t x = ds_lh_first(s, &h->blobs_ix, (uint32_t)fp); x != DS_NIL && guard--;
+             x = DS_CHUNK(s, x)->next) {
             ds_blob *b = (ds_blob *)DS_CHUNK(s, x);
             if (b->h.fp == (uint32_t)fp && b->size == size && b->desclen == desclen &&
                 b->nbufs == nbufs && b->body == body && memcmp(b + 1, img, body) == 0) {
@@ -899,8 +902,10 @@ int ds_keys(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed) {
     uint32_t nb = (1u << t->level) + t->split;
     const uint32_t *bk = (const uint32_t *)(s->ix + t->buckets_off);
     uint64_t pos = 0;
-    for (uint32_t b = 0; b < nb; b++) {
-        for (uint32_t x = bk[b]; x != DS_NIL; x = DS_CHUNK(s, x)->next) {
+    uint64_t guard = DS_CHAIN_MAX(t) * 2;
+    for (uint32_t b = 0; b < nb && b < t->max_buckets; b++) {
+        for (uint32_t x = bk[b]; x != DS_NIL && guard; x = DS_CHUNK(s, x)->next, guard--) {
+            if (DS_CHUNK(s, x)->kind != DS_K_OBJECT) break;
             ds_object *o = obj_at(s, x);
             if (pos + 12 + o->keylen <= buflen) {
                 memcpy(buf + pos, &o->keylen, 4);

@@ -192,10 +192,11 @@ void ds_page_decref(ds_store *s, uint32_t page) {
 /* Find a published page with these exact bytes; DS_NIL if none. */
 uint32_t ds_page_find(ds_store *s, uint64_t fp, const void *bytes) {
     uint32_t fp32 = (uint32_t)fp;
-    for (uint32_t p = ds_lh_first(s, &s->hdr->pages_ix, fp32); p != DS_NIL;
+    uint64_t guard = DS_CHAIN_MAX(&s->hdr->pages_ix);
+    for (uint32_t p = ds_lh_first(s, &s->hdr->pages_ix, fp32); p != DS_NIL && guard--;
          p = DS_PMETA(s, p)->next) {
         ds_pmeta *m = DS_PMETA(s, p);
-        if (m->fp == fp32 && m->refcnt > 0 &&
+        if (m->fp == fp32 && m->refcnt > 0 && p < s->hdr->cap_pages &&
             memcmp(DS_POOL_RO(s, p), bytes, DS_PAGE_SIZE) == 0)
             return p;
     }
@@ -207,10 +208,11 @@ uint32_t ds_page_find(ds_store *s, uint64_t fp, const void *bytes) {
  * bytes differ.  DS_NIL if none. */
 uint32_t ds_page_candidate(ds_store *s, uint64_t fp) {
     uint32_t fp32 = (uint32_t)fp;
-    for (uint32_t p = ds_lh_first(s, &s->hdr->pages_ix, fp32); p != DS_NIL;
+    uint64_t guard = DS_CHAIN_MAX(&s->hdr->pages_ix);
+    for (uint32_t p = ds_lh_first(s, &s->hdr->pages_ix, fp32); p != DS_NIL && guard--;
          p = DS_PMETA(s, p)->next) {
         ds_pmeta *m = DS_PMETA(s, p);
-        if (m->fp == fp32 && m->refcnt > 0) return p;
+        if (m->fp == fp32 && m->refcnt > 0 && p < s->hdr->cap_pages) return p;
     }
     return DS_NIL;
 }
