@@ -65,7 +65,6 @@ def build_store(directory):
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corrupt-template")
     # tmpfs-like semantics are not needed for reading files: copy them around
     shm = f"/dev/shm/tc-{uuid.uuid4().hex[:8]}"
     os.makedirs(shm)
@@ -79,6 +78,7 @@ def template(tmp_path_factory):
     return name, files
 
 
+@pytest.mark.limit(1200)
 @settings(max_examples=int(os.environ.get("DEDUPSHM_FUZZ_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(which=st.sampled_from(["index", "index", "index", "pool"]),
        flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=40),
