@@ -819,6 +819,17 @@ int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *
     if ((uint64_t)o->blob >= s->hdr->heap_top) return DS_ECORRUPT;
     ds_blob *b = (ds_blob *)DS_CHUNK(s, o->blob);
     if (b->h.kind != DS_K_BLOB) return DS_ECORRUPT;
+    /* every size we hand out must stay inside the chunk */
+    uint64_t room = ds_class_bytes(b->h.cls);
+    uint64_t head = ALIGN16(16ull * b->nbufs + b->desclen);
+    if (room < sizeof *b || b->body > room - sizeof *b || head > b->body ||
+        (uint64_t)o->blob + room / DS_UNIT > s->hdr->heap_top)
+        return DS_ECORRUPT;
+    if ((b->h.flags & DS_BF_SMALL) ? b->size > b->body - head : 8ull * b->nextents > b->body - head)
+        return DS_ECORRUPT;
+    const uint64_t *tab = ds_blob_bufs(b);
+    for (uint32_t i = 0; i < b->nbufs; i++)
+        if (tab[2 * i] > b->size || tab[2 * i + 1] > b->size - tab[2 * i]) return DS_ECORRUPT;
     uint64_t boff = (uint64_t)((uint8_t *)b - s->ix);
     ds_blob *bro = (ds_blob *)(s->ix_ro + boff);
     memset(out, 0, sizeof *out);
