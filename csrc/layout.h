@@ -254,7 +254,6 @@ void ds_copy_done(void);                         /* fence after ds_copy_page */
 /* heap.c */
 uint32_t ds_chunk_alloc(ds_store *s, uint64_t bytes, uint8_t kind);  /* 0 = full */
 void ds_chunk_free(ds_store *s, uint32_t id);
-uint64_t ds_class_bytes(unsigned cls);
 void ds_heap_rebuild_free(ds_store *s);
 typedef struct ds_lhops {
     uint32_t *(*next)(ds_store *, uint32_t);
@@ -316,6 +315,22 @@ static inline ds_pmeta *ds_pmeta_at(ds_store *s, uint64_t pg) {
 #define DS_CLIENT(s, i)  (((ds_client *)((s)->ix + (s)->hdr->clients_off)) + (i))
 #define DS_POOL_RO(s, pg) ((s)->pool_ro + (uint64_t)(pg) * DS_PAGE_SIZE)
 #define DS_POOL_RW(s, pg) ((s)->pool_rw + (uint64_t)(pg) * DS_PAGE_SIZE)
+
+/* Entries a PENDING/MERGE list, or page runs a blob, really has room for:
+ * loops over counts read from shared memory use these, so a corrupt count
+ * cannot walk them out of their chunk. */
+uint64_t ds_class_bytes(unsigned cls);
+static inline uint32_t ds_list_len(const ds_pending *pd) {
+    uint64_t bytes = ds_class_bytes(pd->h.cls);
+    uint64_t room = bytes > sizeof *pd ? (bytes - sizeof *pd) / 4 : 0;
+    return pd->npages <= room ? pd->npages : (uint32_t)room;
+}
+static inline uint32_t ds_blob_runs(const ds_blob *b) {
+    uint64_t bytes = ds_class_bytes(b->h.cls);
+    uint64_t head = ((16ull * b->nbufs + b->desclen) + 15u) & ~15ull;
+    uint64_t room = bytes > sizeof *b + head ? (bytes - sizeof *b - head) / 8 : 0;
+    return b->nextents <= room ? b->nextents : (uint32_t)room;
+}
 
 static inline uint8_t *ds_blob_desc(ds_blob *b) {
     return (uint8_t *)(b + 1) + 16u * b->nbufs;

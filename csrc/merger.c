@@ -389,7 +389,7 @@ static void region_destroy(ds_store *s, struct ds_merger *m, region *r, int rele
     if (release_refs && ds_lock(s) == 0) {
         ds_pending *mg = (ds_pending *)DS_CHUNK(s, r->chunk);
         if (mg->h.kind == DS_K_MERGE && mg->owner == s->slot) {
-            for (uint32_t k = 0; k < mg->npages; k++)
+            for (uint32_t k = 0, n = ds_list_len(mg); k < n; k++)
                 if (mg->pages[k] != DS_ZERO) { ds_page_decref(s, mg->pages[k]); merged++; }
             s->hdr->mergeable_pages -= s->hdr->mergeable_pages >= mg->npages ? mg->npages : s->hdr->mergeable_pages;
             ds_chunk_free(s, r->chunk);

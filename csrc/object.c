@@ -114,8 +114,8 @@ static void blob_decref(ds_store *s, uint32_t bid) {
         if (b->h.flags & DS_BF_HASHED) ds_lh_remove(s, &s->hdr->blobs_ix, &ds_chunk_ops, bid);
         s->hdr->small_bytes -= ds_class_bytes(b->h.cls);
     } else {
-        uint32_t *ext = (uint32_t *)ds_blob_payload(b);
-        for (uint32_t e = 0; e < b->nextents; e++) {
+        uint32_t *ext = (uint32_t *)ds_blob_payload(b), runs = ds_blob_runs(b);
+        for (uint32_t e = 0; e < runs; e++) {
             uint32_t pg = ext[2 * e], np = ext[2 * e + 1];
             if (pg == DS_ZERO) { s->hdr->pages_zero -= np; continue; }
             for (uint32_t k = 0; k < np; k++) ds_page_decref(s, pg + k);
@@ -127,7 +127,7 @@ static void blob_decref(ds_store *s, uint32_t bid) {
 static void pending_release(ds_store *s, uint32_t pid) {
     ds_pending *pd = (ds_pending *)DS_CHUNK(s, pid);
     if (pd->h.kind != DS_K_PENDING) return;
-    for (uint32_t k = 0; k < pd->npages; k++)
+    for (uint32_t k = 0, n = ds_list_len(pd); k < n; k++)
         if (pd->pages[k] != DS_ZERO) ds_page_decref(s, pd->pages[k]);
     ds_chunk_free(s, pid);
 }
@@ -659,7 +659,7 @@ int ds_commit(ds_store *s, uint32_t obj, uint64_t gen,
     ds_object *o = created_by_me(s, obj, gen);
     if (!o) { ds_unlock(s); return DS_ESTATE; }
     uint64_t size = o->size;
-    uint32_t n = ((ds_pending *)DS_CHUNK(s, o->blob))->npages;
+    uint32_t n = ds_list_len((ds_pending *)DS_CHUNK(s, o->blob));
     ds_unlock(s);
 
     uint64_t *fps = malloc(8ull * n);
@@ -713,7 +713,7 @@ int ds_abort(ds_store *s, uint32_t obj, uint64_t gen, uint8_t *data) {
     int rc = ds_lock(s);
     if (rc) return rc;
     ds_object *o = created_by_me(s, obj, gen);
-    uint64_t n = o ? ((ds_pending *)DS_CHUNK(s, o->blob))->npages : 0;
+    uint64_t n = o ? ds_list_len((ds_pending *)DS_CHUNK(s, o->blob)) : 0;
     if (o) discard(s, obj);
     ds_unlock(s);
     scrub(data, n * DS_PAGE_SIZE);
@@ -916,7 +916,7 @@ int ds_keys(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed) {
     uint64_t guard = DS_CHAIN_MAX(t) * 2;
     for (uint32_t b = 0; b < nb && b < t->max_buckets; b++) {
         for (uint32_t x = bk[b]; x != DS_NIL && guard; x = DS_CHUNK(s, x)->next, guard--) {
-            if (DS_CHUNK(s, x)->kind != DS_K_OBJECT) break;
+            if (DS_CHUNK(s, x)->kind != DS_K_OBJECT || obj_at(s, x)->keylen > DS_MAX_KEY) break;
             ds_object *o = obj_at(s, x);
             if (pos + 12 + o->keylen <= buflen) {
                 memcpy(buf + pos, &o->keylen, 4);

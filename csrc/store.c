@@ -364,7 +364,7 @@ static uint32_t release_client(ds_store *s, uint32_t slot, uint32_t *objs) {
             o++;
         } else if (c->kind == DS_K_MERGE && ((ds_pending *)c)->owner == slot) {
             ds_pending *mg = (ds_pending *)c;
-            for (uint32_t k = 0; k < mg->npages; k++)
+            for (uint32_t k = 0, n = ds_list_len(mg); k < n; k++)
                 if (mg->pages[k] != DS_ZERO) ds_page_decref(s, mg->pages[k]);
             h->mergeable_pages -= h->mergeable_pages >= mg->npages ? mg->npages : h->mergeable_pages;
             ds_chunk_free(s, (uint32_t)id);
@@ -599,8 +599,8 @@ static void ds_rebuild(ds_store *s) {
                 if (b->h.flags & DS_BF_HASHED) ds_lh_insert(s, &h->blobs_ix, &ds_chunk_ops, (uint32_t)id);
                 continue;
             }
-            uint32_t *ext = (uint32_t *)ds_blob_payload(b);
-            for (uint32_t e = 0; e < b->nextents; e++) {
+            uint32_t *ext = (uint32_t *)ds_blob_payload(b), runs = ds_blob_runs(b);
+            for (uint32_t e = 0; e < runs; e++) {
                 uint32_t pg = ext[2 * e], np = ext[2 * e + 1];
                 if (pg == DS_ZERO) { h->pages_zero += np; continue; }
                 for (uint32_t k = 0; k < np && pg + k < hwm; k++) {
@@ -617,7 +617,7 @@ static void ds_rebuild(ds_store *s) {
                 continue;
             }
             h->mergeable_pages += mg->npages;
-            for (uint32_t k = 0; k < mg->npages; k++) {
+            for (uint32_t k = 0, n = ds_list_len(mg); k < n; k++) {
                 uint32_t pg = mg->pages[k];
                 if (pg == DS_ZERO || pg >= hwm) continue;
                 /* not re-published: a merger may still be filling a page it
@@ -627,7 +627,7 @@ static void ds_rebuild(ds_store *s) {
         } else if (c->kind == DS_K_PENDING) {
             if (c->refcnt == 0) { ds_chunk_free(s, (uint32_t)id); continue; }
             ds_pending *pd = (ds_pending *)c;
-            for (uint32_t k = 0; k < pd->npages; k++)
+            for (uint32_t k = 0, n = ds_list_len(pd); k < n; k++)
                 if (pd->pages[k] != DS_ZERO && pd->pages[k] < hwm) DS_PMETA(s, pd->pages[k])->refcnt++;
         }
     }
