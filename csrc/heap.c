@@ -52,6 +52,12 @@ static int cls_for(uint64_t bytes) {
     return -1;
 }
 
+/* Bytes of the chunk a request of 'bytes' gets (0: too large). */
+uint64_t ds_chunk_bytes_for(uint64_t bytes) {
+    int cls = cls_for(bytes);
+    return cls < 0 ? 0 : g_cls_units[cls] * DS_UNIT;
+}
+
 uint32_t ds_chunk_alloc(ds_store *s, uint64_t bytes, uint8_t kind) {
     ds_header *h = s->hdr;
     int cls = cls_for(bytes);

@@ -254,6 +254,7 @@ void ds_copy_done(void);                         /* fence after ds_copy_page */
 /* heap.c */
 uint32_t ds_chunk_alloc(ds_store *s, uint64_t bytes, uint8_t kind);  /* 0 = full */
 void ds_chunk_free(ds_store *s, uint32_t id);
+uint64_t ds_chunk_bytes_for(uint64_t bytes);
 void ds_heap_rebuild_free(ds_store *s);
 typedef struct ds_lhops {
     uint32_t *(*next)(ds_store *, uint32_t);

@@ -239,9 +239,7 @@ static int put_small(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
     if (bid != DS_NIL) {
         DS_CHUNK(s, bid)->refcnt++;
     } else {
-        uint64_t need = ds_class_bytes(0);
-        for (unsigned c = 0; ds_class_bytes(c) && ds_class_bytes(c) < sizeof(ds_blob) + body; c++)
-            need = ds_class_bytes(c + 1);
+        uint64_t need = ds_chunk_bytes_for(sizeof(ds_blob) + body);
         if (h->pages_used * DS_PAGE_SIZE + h->small_bytes + need > h->capacity) {
             ds_chunk_free(s, id);
             rc = DS_EFULL;
@@ -315,11 +313,6 @@ static int seal_pages(ds_store *s, uint32_t id, uint32_t *pages, uint32_t n, uin
     o->blob = 0;
     ds_chunk_free(s, pend);              /* references now held by the blob */
     return seal(s, id, bid, size, keyed, handle);
-}
-
-/* Roll back a CREATED object after a failure.  Lock held. */
-static void discard(ds_store *s, uint32_t id) {
-    ds_object_free(s, id);
 }
 
 /* One thread's share of a large put: pages [lo, hi), in chunks small
@@ -538,7 +531,7 @@ static int put_large(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
             *gen = mygen;
         }
     }
-    if (rc && obj_check(s, id, mygen)) discard(s, id);
+    if (rc && obj_check(s, id, mygen)) ds_object_free(s, id);
     ds_unlock(s);
 out:
     free(tab); free(src); free(pages); free(tails);
@@ -620,7 +613,7 @@ int ds_create(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nbytes,
     }
     ds_object *o = obj_at(s, id);
     rc = ds_pages_alloc(s, n, pages);
-    if (rc) { discard(s, id); ds_unlock(s); goto out; }
+    if (rc) { ds_object_free(s, id); ds_unlock(s); goto out; }
     memcpy(pd->pages, pages, 4ull * n);
     *obj = id;
     *gen = o->gen;
@@ -632,7 +625,7 @@ int ds_create(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nbytes,
     if (!rc) rc = map_runs(s, va, ext, runs_of(pages, n, ext), PROT_READ | PROT_WRITE, 1);
     if (rc) {
         if (va) munmap(va, n64 * DS_PAGE_SIZE);
-        if (ds_lock(s) == 0) { discard(s, id); ds_unlock(s); }
+        if (ds_lock(s) == 0) { ds_object_free(s, id); ds_unlock(s); }
         goto out;
     }
     /* fresh pages may hold a previous object's bytes: start from zero */
@@ -687,7 +680,7 @@ int ds_commit(ds_store *s, uint32_t obj, uint64_t gen,
     if (rc) {
         for (uint32_t i = 0; i < n; i++)
             if (pages[i] != mine[i] && pages[i] != DS_ZERO) ds_page_decref(s, pages[i]);
-        discard(s, obj);
+        ds_object_free(s, obj);
         ds_unlock(s);
         scrub(data, (uint64_t)n * DS_PAGE_SIZE);
         goto out;
@@ -714,7 +707,7 @@ int ds_abort(ds_store *s, uint32_t obj, uint64_t gen, uint8_t *data) {
     if (rc) return rc;
     ds_object *o = created_by_me(s, obj, gen);
     uint64_t n = o ? ds_list_len((ds_pending *)DS_CHUNK(s, o->blob)) : 0;
-    if (o) discard(s, obj);
+    if (o) ds_object_free(s, obj);
     ds_unlock(s);
     scrub(data, n * DS_PAGE_SIZE);
     return o ? 0 : DS_ESTATE;

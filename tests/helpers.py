@@ -70,26 +70,25 @@ def file_bytes(*paths):
     return sum(os.stat(p).st_blocks * 512 for p in paths if os.path.exists(p))
 
 
-def smaps_rollup(pid="self"):
-    """/proc/PID/smaps_rollup as {field: bytes}."""
+def _kb_fields(path, pattern):
+    """{name: bytes} of the 'Name:   N kB' lines of a /proc file whose name matches pattern."""
     out = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
+    with open(path) as f:
         for line in f:
-            m = re.match(r"^(\w+):\s+(\d+) kB", line)
+            m = re.match(rf"^({pattern}):\s+(\d+) kB", line)
             if m:
                 out[m.group(1)] = int(m.group(2)) * 1024
     return out
+
+
+def smaps_rollup(pid="self"):
+    """/proc/PID/smaps_rollup as {field: bytes}."""
+    return _kb_fields(f"/proc/{pid}/smaps_rollup", r"\w+")
 
 
 def proc_status(pid="self"):
     """Memory lines of /proc/PID/status (VmRSS, RssAnon, RssFile, RssShmem) in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            m = re.match(r"^(Vm\w+|Rss\w+):\s+(\d+) kB", line)
-            if m:
-                out[m.group(1)] = int(m.group(2)) * 1024
-    return out
+    return _kb_fields(f"/proc/{pid}/status", r"Vm\w+|Rss\w+")
 
 
 def memory_reading(pid="self"):
