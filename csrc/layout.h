@@ -34,7 +34,7 @@
 #include "dedupshm.h"
 
 #define DS_MAGIC   0x314d485350454444ULL   /* "DDEPSHM1" little endian */
-#define DS_FORMAT  1u
+#define DS_FORMAT  2u   /* 2: client liveness by OFD slot locks */
 #define DS_NIL     0xFFFFFFFFu             /* end of chain / no node */
 #define DS_UNHASHED 0xFFFFFFFEu            /* page meta: not in the content index */
 #define DS_ZERO    0xFFFFFFFFu             /* page list: an all-zero page */
@@ -61,11 +61,15 @@ typedef struct ds_lhash {
 
 /* ---- client table entry (one per attached process handle) -------------
  * Written by the owning process at attach/close, by gc when reaping; all
- * under hdr->lock.  pid == 0: free slot. */
+ * under hdr->lock.  pid == 0: free slot.  A used slot is alive while some
+ * open file description of the index holds the OFD write lock on byte
+ * DS_LIVE_LOCK_BASE + slot (store.c): the kernel drops it when its
+ * process dies, whatever PID namespace either process is in.  pid is for
+ * display only (it may be another namespace's number). */
 typedef struct ds_client {
     uint32_t pid;
     uint32_t pad;
-    uint64_t start_time;   /* /proc/PID/stat field 22: tells reused pids apart */
+    uint64_t reserved;     /* format 1 kept a /proc start time here */
     uint64_t handles;      /* references it holds (statistics only) */
     uint64_t attach_ns;
     uint64_t volatile_pages;  /* merger: pages that changed since its last look */
@@ -237,7 +241,37 @@ struct ds_store {
     uint32_t pid;
     uint64_t secret[8];      /* fingerprint lanes derived from salt */
     struct ds_merger *merger;   /* this process's mergeable regions (merger.c) */
+
+    /* refs.c: the references this process holds, one shared HANDLE per
+     * object with a local count.  Process-private, under pin_mu.  Lock
+     * order: g_stores_mu (refs.c) -> merger->mu -> pin_mu -> hdr->lock. */
+    pthread_mutex_t pin_mu;
+    struct ds_pin *pins;     /* open addressing by object id */
+    uint32_t pin_cap, pin_count;
+    ds_viewinfo *creating;   /* cells of creates being filled (linked by ->link) */
+    /* lifetime (atomics): calls in progress; 1 for the opener + 1 per cell
+     * that holds something.  ds_close waits for inflight == 0; the handle
+     * is torn down when refs reaches 0. */
+    uint64_t inflight, refs;
+    int closed;              /* ds_close ran: new calls get DS_ECLOSED */
+    int orphan;              /* a fork child that could not get a slot: calls fail */
+    /* fork (refs.c's atfork handlers, between prepare and parent/child) */
+    int fork_fd;             /* new open file description holding the child's slot lock */
+    uint32_t fork_slot;      /* DS_NIL: none reserved */
+    ds_store *next_store;    /* list of open handles, under g_stores_mu */
+    char *index_path;        /* for re-opening the index if /proc is absent */
 };
+
+/* Offset of the OFD byte-range lock that marks client slot i alive: far
+ * past the end of the index file, so it never covers data.  store.c. */
+#define DS_LIVE_LOCK_BASE (1ull << 40)
+int  ds_slot_lock(int fd, uint32_t slot);      /* 0 or errno (EAGAIN: held) */
+int  ds_slot_alive(ds_store *s, uint32_t slot);   /* 1 alive, 0 dead */
+void ds_release_slot(ds_store *s, uint32_t slot); /* lock held: all it holds */
+void ds_teardown(ds_store *s);                 /* refs.c: last ref dropped */
+/* refs.c: public entry points bracket their work with these */
+int  ds_enter(ds_store *s);                    /* 0, DS_ECLOSED or DS_ELIMIT */
+void ds_leave(ds_store *s);
 
 /* ---- internal API (not part of the ABI) ---- */
 /* store.c */
@@ -278,11 +312,37 @@ void ds_page_free_raw(ds_store *s, uint32_t page);
 void ds_page_decref_cold(ds_store *s, uint32_t page);
 int  ds_pmeta_ensure(ds_store *s, uint32_t page);
 /* merger.c */
-void ds_merger_after_fork(ds_store *s);
 void ds_merger_close(ds_store *s);
-/* object.c */
+/* merger fork hooks (called by refs.c's atfork handlers) */
+void ds_wp_atfork_prepare(void);
+void ds_wp_atfork_parent(void);
+void ds_wp_atfork_child(void);
+void ds_merger_fork_prepare(ds_store *s);
+int  ds_merger_fork_dup(ds_store *s, uint32_t child_slot);
+void ds_merger_fork_parent(ds_store *s);
+void ds_merger_fork_child(ds_store *s);
+/* refs.c */
+void ds_refs_add(ds_store *s);
+/* object.c: handle-level operations, wrapped by refs.c (which owns the
+ * process's reference table); see dedupshm.h for the cell-level API. */
 void ds_object_free(ds_store *s, uint32_t id);
 void ds_object_decref(ds_store *s, uint32_t id);
+uint32_t ds_handle_new(ds_store *s, uint32_t obj, uint32_t owner);   /* lock held; 0 = full */
+int ds_object_alive(ds_store *s, uint32_t obj, uint64_t gen);        /* lock held; 1 = live */
+int ds_put(ds_store *s, const uint8_t *key, uint32_t keylen,
+           const uint8_t *desc, uint32_t desclen,
+           const ds_iov *bufs, uint32_t nbufs, uint32_t flags,
+           uint32_t *obj, uint64_t *gen, uint32_t *handle);
+int ds_create(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nbytes,
+              uint32_t *obj, uint64_t *gen, uint8_t **data);
+int ds_commit(ds_store *s, uint32_t obj, uint64_t gen,
+              const uint8_t *desc, uint32_t desclen, uint8_t *data,
+              uint32_t *handle);
+int ds_abort(ds_store *s, uint32_t obj, uint64_t gen, uint8_t *data);
+int ds_acquire(ds_store *s, uint32_t obj, uint64_t gen, uint32_t *handle);
+int ds_release(ds_store *s, uint32_t handle);
+int ds_claim(ds_store *s, uint64_t token, uint32_t obj, uint64_t gen, uint32_t *handle);
+int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *out);
 
 /* address helpers */
 #define DS_HDR(s)        ((s)->hdr)

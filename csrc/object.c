@@ -923,3 +923,13 @@ int ds_keys(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed) {
     ds_unlock(s);
     return pos > buflen ? ERANGE : 0;
 }
+
+/* ---- for refs.c (lock held) ---- */
+
+uint32_t ds_handle_new(ds_store *s, uint32_t obj, uint32_t owner) {
+    return handle_new(s, obj, owner);
+}
+
+int ds_object_alive(ds_store *s, uint32_t obj, uint64_t gen) {
+    return live(s, obj, gen) != NULL;
+}

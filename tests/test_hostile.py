@@ -89,20 +89,26 @@ def test_ref_after_store_unlinked_and_recreated(make_store, store_name):
 
 
 def test_forged_ref_is_refused(store):
-    ref = store.put(b"x" * 10000)
-    fake = pickle.loads(pickle.dumps(ref))
-    fake._obj, fake._gen = 12345678, 99
-    with pytest.raises(KeyError):
-        store.get(fake)
-    fake._obj = 0xFFFFFFFF
-    with pytest.raises(KeyError):
-        store.get(fake)
+    from dedupshm.store import ObjectRef
+    store.put(b"x" * 10000)
+    for obj, gen in [(12345678, 99), (0xFFFFFFFF, 99), (0, 0), (1, 1 << 63)]:
+        cell = store._core.new_ref()
+        cell.obj, cell.gen = obj, gen
+        fake = ObjectRef(store._core, cell)      # claims to hold nothing
+        with pytest.raises(KeyError):
+            store.get(fake)
+        with pytest.raises(KeyError):
+            store.delete(fake)
+        assert fake not in store
+        assert pickle.loads(pickle.dumps(fake)) not in store
 
 
 def test_garbage_file_is_not_a_store(tmp_path):
     name = f"tg{uuid.uuid4().hex[:8]}"
     (tmp_path / f"dedupshm.{name}.index").write_bytes(os.urandom(8192))
     (tmp_path / f"dedupshm.{name}.pool").write_bytes(b"")
+    for f in tmp_path.iterdir():
+        f.chmod(0o600)                  # ours and private: only the content is wrong
     with pytest.raises(dedupshm.CorruptStoreError):
         dedupshm.Store(name, directory=str(tmp_path))
 
