@@ -89,6 +89,7 @@ typedef struct ds_viewinfo {
     uint32_t obj;
     uint32_t own;           /* DS_OWN_* bits */
     uint64_t gen;
+    ds_store *store;        /* the handle it holds something of (set with own) */
     void *link;             /* refs.c: list of cells still being created */
 } ds_viewinfo;
 
@@ -97,6 +98,7 @@ typedef struct ds_ref {
     uint32_t obj;
     uint32_t held;          /* 1 while this cell holds a reference */
     uint64_t gen;
+    ds_store *store;        /* the handle it holds it from (set with held) */
 } ds_ref;
 
 #define DS_OWN_PIN 1             /* holds a reference on (obj, gen) */
@@ -215,6 +217,14 @@ int ds_view_open(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewi
 int ds_view_key(ds_store *s, const uint8_t *key, uint32_t keylen, int writable,
                 ds_viewinfo *vi);
 int ds_view_close(ds_store *s, ds_viewinfo *vi);
+
+/* Destructors for a garbage collector (cffi's ffi.gc): release what the
+ * cell holds, if anything, without running any code of the caller's
+ * language in between.  ds_view_drop_at takes (and ignores) the address
+ * of the object whose collection triggers it. */
+void ds_ref_drop(ds_ref *r);
+void ds_view_drop(ds_viewinfo *vi);
+void ds_view_drop_at(ds_viewinfo *vi, void *addr);
 
 /* Create: vi->data is a writable, zero-filled mapping of fresh pages
  * (DS_OWN_MAP | DS_OWN_CREATE), invisible to others until committed.

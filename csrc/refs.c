@@ -204,6 +204,7 @@ int ds_put_ref(ds_store *s, const uint8_t *key, uint32_t keylen,
         if (rc == 0) {
             out->obj = obj;
             out->gen = gen;
+            out->store = s;
             ref_get(s);
             out->held = 1;
         }
@@ -223,6 +224,7 @@ int ds_ref_pin(ds_store *s, uint32_t obj, uint64_t gen, ds_ref *out) {
     if (rc == 0) {
         out->obj = obj;
         out->gen = gen;
+        out->store = s;
         ref_get(s);
         out->held = 1;
     }
@@ -238,6 +240,7 @@ int ds_ref_unpin(ds_store *s, ds_ref *r) {
         return 0;
     }
     r->held = 0;
+    r->store = NULL;
     uint32_t h = pin_drop(s, r->obj, r->gen);
     pthread_mutex_unlock(&s->pin_mu);
     release_handle(s, h);
@@ -257,6 +260,7 @@ int ds_ref_claim(ds_store *s, uint64_t token, uint32_t obj, uint64_t gen, ds_ref
     if (rc == 0) {
         out->obj = obj;
         out->gen = gen;
+        out->store = s;
         ref_get(s);
         out->held = 1;
     }
@@ -304,6 +308,7 @@ static int view_open(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_v
         vi->extents = tmp.extents;
         vi->obj = obj;
         vi->gen = gen;
+        vi->store = s;
         ref_get(s);
         vi->own = DS_OWN_PIN | (tmp.map_len ? DS_OWN_MAP : 0);
     }
@@ -350,6 +355,7 @@ int ds_view_close(ds_store *s, ds_viewinfo *vi) {
         return 0;
     }
     vi->own = 0;
+    vi->store = NULL;
     if (own & DS_OWN_CREATE) creating_unlink(s, vi);
     uint32_t h = (own & DS_OWN_PIN) ? pin_drop(s, vi->obj, vi->gen) : 0;
     pthread_mutex_unlock(&s->pin_mu);
@@ -359,6 +365,16 @@ int ds_view_close(ds_store *s, ds_viewinfo *vi) {
     ref_put(s);
     return 0;
 }
+
+void ds_ref_drop(ds_ref *r) {
+    if (r->store) ds_ref_unpin(r->store, r);
+}
+
+void ds_view_drop(ds_viewinfo *vi) {
+    if (vi->store) ds_view_close(vi->store, vi);
+}
+
+void ds_view_drop_at(ds_viewinfo *vi, void *addr) { (void)addr; ds_view_drop(vi); }
 
 /* ---- create cells ---- */
 
@@ -379,6 +395,7 @@ int ds_create_open(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nb
         vi->map_len = (nbytes + DS_PAGE_SIZE - 1) / DS_PAGE_SIZE * DS_PAGE_SIZE;
         vi->obj = obj;
         vi->gen = gen;
+        vi->store = s;
         vi->link = s->creating;
         s->creating = vi;
         ref_get(s);

@@ -6,6 +6,7 @@ counted here), and the making of views.  Everything else in the package
 goes through it.  The GIL is released in every C call (cffi API mode).
 """
 import errno
+import functools
 import os
 import stat
 import weakref
@@ -80,6 +81,18 @@ def _untrusted_reason(path):
     return "permission denied"
 
 
+def _view_cell():
+    """An empty view cell; collected, the C core releases what it holds."""
+    return ffi.gc(ffi.new("ds_viewinfo *"), lib.ds_view_drop)
+
+
+def _owner_of(vi):
+    """A pointer to vi's data whose collection releases the view (and which
+    keeps the cell alive till then), with no Python code in between."""
+    return ffi.gc(ffi.cast("uint8_t *", vi.data), functools.partial(lib.ds_view_drop_at, vi),
+                  size=vi.map_len)
+
+
 class Core:
     """One process's attachment to a store.  Thread-safe and fork-safe.
 
@@ -120,16 +133,15 @@ class Core:
     # ---- references ----------------------------------------------------
     @staticmethod
     def new_ref():
-        """An empty reference cell (filled by put/pin/claim)."""
-        return ffi.new("ds_ref *")
+        """An empty reference cell (filled by put/pin/claim).  When it is
+        collected, the C core releases what it holds: no Python code runs
+        in between, so no KeyboardInterrupt can come in the way."""
+        return ffi.gc(ffi.new("ds_ref *"), lib.ds_ref_drop)
 
     def pin(self, obj, gen, cell):
         """Fill ``cell`` with one more reference on (obj, gen).  KeyError if
         the object is gone and this process does not hold it."""
         check(lib.ds_ref_pin(self._s, obj, gen, cell), "object")
-
-    def unpin(self, cell):
-        lib.ds_ref_unpin(self._s, cell)
 
     def alive(self, obj, gen):
         """True if (obj, gen) is stored, sealed and not deleted."""
@@ -169,18 +181,10 @@ class Core:
 
     def create(self, key, nbytes):
         """Begin a writable object.  Returns (cell, memoryview of the
-        zero-filled buffer); the buffer owns the cell's mapping."""
-        vi = ffi.new("ds_viewinfo *")
-        s = self._s
-        owner = None
-        try:
-            check(lib.ds_create_open(s, key, len(key), nbytes, vi), "create")
-            owner = ffi.gc(ffi.cast("uint8_t *", vi.data),
-                           lambda p, vi=vi: lib.ds_view_close(s, vi), size=vi.map_len)
-        finally:
-            if owner is None:                   # failed, or interrupted before the owner
-                lib.ds_view_close(s, vi)
-        return vi, memoryview(ffi.buffer(owner, nbytes))
+        zero-filled buffer); the buffer keeps the cell alive."""
+        vi = _view_cell()
+        check(lib.ds_create_open(self._s, key, len(key), nbytes, vi), "create")
+        return vi, memoryview(ffi.buffer(_owner_of(vi), nbytes))
 
     def commit(self, vi, desc):
         check(lib.ds_create_commit(self._s, vi, desc, len(desc)), "commit")
@@ -200,31 +204,24 @@ class Core:
         """Map (obj, gen) -- or the object bound to ``key`` -- and return
         (descriptor, [buffer memoryviews]); the buffers own the view, which
         is released with the last of them.  KeyError if it is gone."""
-        vi = ffi.new("ds_viewinfo *")
-        s = self._s
-        owner = None
-        try:
-            if key is not None:
-                check(lib.ds_view_key(s, key, len(key), int(writable), vi), "view")
-            else:
-                check(lib.ds_view_open(s, obj, gen, int(writable), vi), "view")
-            desc = ffi.unpack(ffi.cast("char *", vi.desc), vi.desclen)
-            size = vi.size
-            tab = ffi.unpack(vi.bufs, 2 * vi.nbufs)     # read while pinned
-            if vi.small:
-                # a packed small value (<= DS_SMALL_MAX bytes): copied while
-                # pinned -- cheaper than mapping, and as immutable
-                raw = ffi.unpack(ffi.cast("char *", vi.data), size)
-                base = memoryview(bytearray(raw) if writable else raw)
-            else:
-                owner = ffi.gc(ffi.cast("uint8_t *", vi.data),
-                               lambda p, vi=vi: lib.ds_view_close(s, vi), size=vi.map_len)
-                base = memoryview(ffi.buffer(owner, size))
-                if not writable:
-                    base = base.toreadonly()
-        finally:
-            if owner is None:       # a small value copied, or failed / interrupted
-                lib.ds_view_close(s, vi)
+        vi = _view_cell()
+        if key is not None:
+            check(lib.ds_view_key(self._s, key, len(key), int(writable), vi), "view")
+        else:
+            check(lib.ds_view_open(self._s, obj, gen, int(writable), vi), "view")
+        desc = ffi.unpack(ffi.cast("char *", vi.desc), vi.desclen)
+        size = vi.size
+        tab = ffi.unpack(vi.bufs, 2 * vi.nbufs)     # read while pinned
+        if vi.small:
+            # a packed small value (<= DS_SMALL_MAX bytes): copied while
+            # pinned -- cheaper than mapping, and as immutable
+            raw = ffi.unpack(ffi.cast("char *", vi.data), size)
+            lib.ds_view_close(self._s, vi)
+            base = memoryview(bytearray(raw) if writable else raw)
+        else:
+            base = memoryview(ffi.buffer(_owner_of(vi), size))
+            if not writable:
+                base = base.toreadonly()
         if len(tab) == 2 and tab[0] == 0 and tab[1] == size:
             return desc, [base]
         return desc, [base[tab[2 * i]: tab[2 * i] + tab[2 * i + 1]] for i in range(len(tab) // 2)]
@@ -297,14 +294,8 @@ class Core:
         Returns a writable memoryview; the region is given back when the
         last export of it is released or collected."""
         addr = ffi.new("uint8_t **")
-        s = self._s
-        owner = None
-        try:
-            check(lib.ds_mergeable_alloc(s, nbytes, addr), "mergeable")
-            owner = ffi.gc(addr[0], lambda p: lib.ds_mergeable_free(s, p), size=nbytes)
-        finally:
-            if owner is None and addr[0] != ffi.NULL:   # interrupted before the owner
-                lib.ds_mergeable_free(s, addr[0])
+        check(lib.ds_mergeable_alloc(self._s, nbytes, addr), "mergeable")
+        owner = ffi.gc(addr[0], functools.partial(lib.ds_mergeable_free, self._s), size=nbytes)
         return memoryview(ffi.buffer(owner, nbytes))
 
     def merge_scan(self, max_pages):

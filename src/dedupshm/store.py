@@ -112,8 +112,8 @@ class ObjectRef:
     __slots__ = ("_core", "_cell", "__weakref__")
 
     def __init__(self, core, cell):
-        # the cell is filled by the C call that takes the reference, after
-        # this object exists: no window in which nothing owns it
+        # the cell exists before the C call that fills it, and its collection
+        # releases what it holds (Core.new_ref): nothing is ever unowned
         self._core = core
         self._cell = cell
 
@@ -144,13 +144,6 @@ class ObjectRef:
     def __repr__(self):
         name = os.path.basename(self._core.index_path)[len("dedupshm."):-len(".index")]
         return f"<ObjectRef {name}:{self._cell.obj}.{self._cell.gen}>"
-
-    def __del__(self):
-        try:
-            if self._cell.held:
-                self._core.unpin(self._cell)
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
     def __copy__(self):
         return _local_ref(self._core, self._cell.obj, self._cell.gen)
@@ -198,9 +191,6 @@ class _DeadCore:
     def __init__(self, directory, name, uuid):
         self.index_path = store_paths(name, directory)[0]
         self.uuid = uuid
-
-    def unpin(self, cell):
-        pass
 
     def transit(self, obj, gen):
         return None
