@@ -31,11 +31,10 @@ def _digest(buf):
     return hashlib.sha256(memoryview(buf).cast("B")).hexdigest()
 
 
-def _child_watch(views, digests, ready_w, go_r, rounds=50):
-    """In a forked child: report ready, wait for the parent to mutate the
-    store, then verify the inherited views for a while.  Exit code 0 when
-    every byte stayed, 3 on a wrong byte."""
-    os.write(ready_w, b"r")
+def _child_watch(views, digests, go_r, rounds=50):
+    """In a forked child: wait for the parent to mutate the store (it does
+    so at once, racing the child's start), then verify the inherited views
+    for a while.  Exit code 0 when every byte stayed, 3 on a wrong byte."""
     os.read(go_r, 1)
     for _ in range(rounds):
         for v, d in zip(views, digests):
@@ -46,19 +45,19 @@ def _child_watch(views, digests, ready_w, go_r, rounds=50):
 
 
 def _fork_and_churn(store, views, mutate, churn_values):
-    """Fork a child holding ``views``; in the parent run ``mutate`` (which
-    drops the parent's own views/objects), then put other values to reuse
-    the freed pages while the child verifies.  Returns the child's status."""
+    """Fork a child holding ``views`` (a list the parent then empties); in
+    the parent run ``mutate`` (which drops the parent's other references),
+    then put other values to reuse the freed pages while the child
+    verifies.  Returns the child's exit code."""
     digests = [_digest(v) for v in views]
-    ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            _child_watch(views, digests, ready_w, go_r)
+            _child_watch(views, digests, go_r)
         finally:
             os._exit(4)
-    os.read(ready_r, 1)
+    views.clear()                      # the parent lets go of its views at once
     mutate()
     churn = [store.put(v) for v in churn_values]     # reuses the freed pages
     os.write(go_w, b"g")
@@ -72,7 +71,7 @@ def _fork_and_churn(store, views, mutate, churn_values):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         pytest.fail("forked child hung")
-    for fd in (ready_r, ready_w, go_r, go_w):
+    for fd in (go_r, go_w):
         os.close(fd)
     del churn
     return os.waitstatus_to_exitcode(status)
