@@ -555,6 +555,21 @@ static void atfork_parent(void) {
     pthread_mutex_unlock(&g_stores_mu);
 }
 
+/* Child: map the index again through our own open file description.  A
+ * mapping holds its file description -- and so the parent's slot lock --
+ * for as long as it exists: the inherited ones would keep the parent
+ * "alive" until we exit. */
+static void remap_index(ds_store *s) {
+    uint8_t **maps[2] = {&s->ix, &s->ix_ro};
+    int prots[2] = {PROT_READ | PROT_WRITE, PROT_READ};
+    for (int i = 0; i < 2; i++) {
+        void *fresh = mmap(NULL, s->ix_len, prots[i], MAP_SHARED, s->index_fd, 0);
+        if (fresh == MAP_FAILED) continue;     /* keep the old one: a slower reap, no harm */
+        if (mremap(fresh, s->ix_len, s->ix_len, MREMAP_MAYMOVE | MREMAP_FIXED, *maps[i]) == MAP_FAILED)
+            munmap(fresh, s->ix_len);
+    }
+}
+
 /* Child: a private copy of a create buffer the parent is still filling. */
 static void snapshot_create(ds_viewinfo *vi) {
     void *tmp = mmap(NULL, vi->map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -582,6 +597,7 @@ static void atfork_child(void) {
         } else {
             dup2(s->fork_fd, s->index_fd);   /* our slot lock, not the parent's */
             close(s->fork_fd);
+            remap_index(s);
             s->slot = s->fork_slot;
             __atomic_store_n(&DS_CLIENT(s, s->slot)->pid, pid, __ATOMIC_RELAXED);
             for (uint32_t i = 0; i < s->pin_cap; i++)

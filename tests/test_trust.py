@@ -360,6 +360,44 @@ def test_dead_client_is_reaped_at_once(store, procs):
     assert st["clients"] == 1 and st["objects"] == 0
 
 
+PARENT_EXITS = textwrap.dedent("""
+    import os, sys, time, dedupshm
+    s = dedupshm.Store(sys.argv[1])
+    r = s.put(b"p" * 100000)
+    v = s.get(r)
+    pid = os.fork()
+    if pid == 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 1)             # let the test read the parent's output to EOF
+        os.dup2(null, 2)
+        time.sleep(30)
+        os._exit(0)
+    print(pid, flush=True)
+    os._exit(0)                      # dies without closing: only the kernel lets go
+""")
+
+
+def test_dead_parent_is_reaped_while_its_child_lives(store, procs):
+    """The child's inherited mappings must not keep its dead parent's
+    slot alive (a mapping holds the open file description of the index)."""
+    p = subprocess.run([sys.executable, "-c", PARENT_EXITS, store.name], capture_output=True,
+                       text=True, timeout=60)
+    child = int(p.stdout.split()[0])
+    try:
+        assert store.stats()["clients"] == 3
+        info = store.gc()
+        assert info["dead_clients"] == 1, info
+        assert store.stats()["clients"] == 2     # us and the live child
+    finally:
+        os.kill(child, signal.SIGKILL)
+    for _ in range(200):
+        if store.gc()["dead_clients"] or store.stats()["clients"] == 1:
+            break
+        time.sleep(0.05)
+    assert store.stats()["clients"] == 1
+    assert store.stats()["objects"] == 0
+
+
 # ---------------------------------------------------------------- planted files
 
 def _planted(tmp_path, mode, content=b""):
