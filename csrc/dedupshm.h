@@ -254,6 +254,11 @@ int ds_keys(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed);
 int ds_stats_get(ds_store *s, ds_stats *out);
 /* Reclaim what dead clients left; expire old transit references. */
 int ds_gc(ds_store *s, ds_gcinfo *out);
+/* This handle's client identity (slot, attach time), for telling others
+ * who holds something; and whether the client so named is still attached
+ * and alive (1) or not (0) -- by its slot lock, so across PID namespaces. */
+void ds_client_self(ds_store *s, uint32_t *slot, uint64_t *attach_ns);
+int ds_client_alive(ds_store *s, uint32_t slot, uint64_t attach_ns);
 /* Attached clients (up to n); *count is the number written. */
 int ds_clients(ds_store *s, ds_clientinfo *out, uint32_t n, uint32_t *count);
 

@@ -279,6 +279,7 @@ int  ds_lock(ds_store *s);            /* may rebuild after EOWNERDEAD */
 void ds_unlock(ds_store *s);
 int  ds_back(ds_store *s, uint64_t off, uint64_t len);  /* fallocate index */
 uint64_t ds_now_s(void);
+uint64_t ds_now_ns(void);            /* CLOCK_REALTIME */
 /* hash.c */
 void ds_hash_init(ds_store *s);
 uint64_t ds_hash_bytes(const ds_store *s, const void *p, uint64_t n);

@@ -507,7 +507,7 @@ static void reserve_child(ds_store *s) {
     if (slot == DS_NIL) goto fail_unlock;
     ds_client *c = DS_CLIENT(s, slot);
     memset(c, 0, sizeof *c);
-    c->attach_ns = DS_CLIENT(s, s->slot)->attach_ns;
+    c->attach_ns = ds_now_ns();
     c->pid = s->pid;                 /* the child writes its own pid */
     uint32_t i = 0;
     for (; i < s->pin_cap; i++) {

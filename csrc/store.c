@@ -52,7 +52,7 @@ uint64_t ds_now_s(void) {
 
 static int file_trusted(int fd);
 
-static uint64_t now_ns(void) {
+uint64_t ds_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
@@ -122,7 +122,7 @@ static int client_register(ds_store *s) {
             if (e == EAGAIN || e == EACCES) continue;   /* a reservation in flight */
             if (e) return e == EINVAL ? ENOTSUP : e;    /* no OFD locks here */
             memset(c, 0, sizeof *c);
-            c->attach_ns = now_ns();
+            c->attach_ns = ds_now_ns();
             c->pid = s->pid;
             s->slot = i;
             return 0;
@@ -485,6 +485,23 @@ int ds_gc(ds_store *s, ds_gcinfo *out) {
     ds_unlock(s);
     ds_leave(s);
     return 0;
+}
+
+void ds_client_self(ds_store *s, uint32_t *slot, uint64_t *attach_ns) {
+    *slot = s->slot;
+    *attach_ns = __atomic_load_n(&DS_CLIENT(s, s->slot)->attach_ns, __ATOMIC_RELAXED);
+}
+
+int ds_client_alive(ds_store *s, uint32_t slot, uint64_t attach_ns) {
+    if (slot >= DS_MAX_CLIENTS || ds_enter(s)) return 0;
+    int alive = 0;
+    if (ds_lock(s) == 0) {
+        ds_client *c = DS_CLIENT(s, slot);
+        alive = c->pid != 0 && c->attach_ns == attach_ns && (slot == s->slot || ds_slot_alive(s, slot));
+        ds_unlock(s);
+    }
+    ds_leave(s);
+    return alive;
 }
 
 int ds_clients(ds_store *s, ds_clientinfo *out, uint32_t n, uint32_t *count) {

@@ -456,3 +456,27 @@ def test_create_over_a_non_store_file_does_not_truncate(tmp_path):
 def test_store_files_are_private(store):
     for p in store_paths(store.name):
         assert os.stat(p).st_mode & 0o777 == 0o600
+
+
+def test_get_racing_close_raises_store_closed(make_store):
+    """#18: get() racing close() raises StoreClosedError, never AttributeError."""
+    s = make_store()
+    s["k"] = np.arange(5000)
+    errors = []
+
+    def reader():
+        for _ in range(20000):
+            try:
+                s.get("k")
+            except dedupshm.StoreClosedError:
+                return
+            except Exception as e:  # noqa: BLE001 - the test reports it
+                errors.append(repr(e))
+                return
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.01)
+    s.close()
+    t.join()
+    assert not errors, errors

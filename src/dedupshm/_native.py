@@ -280,6 +280,23 @@ class Core:
         check(lib.ds_gc(self._s, gi), "gc")
         return {name: getattr(gi, name) for name in dir(gi)}
 
+    def identity(self):
+        """This process's client identity in the store, as bytes."""
+        slot, ns = ffi.new("uint32_t *"), ffi.new("uint64_t *")
+        lib.ds_client_self(self._s, slot, ns)
+        return f"{slot[0]}:{ns[0]}".encode()
+
+    def identity_alive(self, ident):
+        """Is the client named by identity() still attached and alive?
+        (By its slot lock: true across PID namespaces.)"""
+        try:
+            slot, ns = (int(x) for x in bytes(ident).decode().split(":"))
+        except (ValueError, UnicodeDecodeError):
+            return False
+        if not (0 <= slot < 1 << 32 and 0 <= ns < 1 << 64):
+            return False
+        return bool(lib.ds_client_alive(self._s, slot, ns))
+
     def clients(self):
         arr = ffi.new("ds_clientinfo[]", 4096)
         n = ffi.new("uint32_t *")
