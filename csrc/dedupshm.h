@@ -165,6 +165,9 @@ int ds_open(const char *index_path, const char *pool_path, int create,
  * (ds_ref, ds_viewinfo) still hold references or mappings, when the last
  * of them is released.  Call once per handle; s is freed by it. */
 void ds_close(ds_store *s);
+/* ds_close(*cell) once, and *cell = NULL: a destructor for a garbage
+ * collector's cell that ds_open filled (idempotent). */
+void ds_close_at(ds_store **cell);
 
 /* Message for any return code. */
 const char *ds_strerror(int rc);

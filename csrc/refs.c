@@ -473,6 +473,11 @@ void ds_close(ds_store *s) {
     ref_put(s);
 }
 
+void ds_close_at(ds_store **cell) {
+    ds_store *s = __atomic_exchange_n(cell, NULL, __ATOMIC_ACQ_REL);
+    if (s) ds_close(s);
+}
+
 /* A new open file description of the index file (its OFD locks are its
  * own): through /proc/self/fd, else by path, checked to be the same file. */
 static int reopen_index(ds_store *s) {

@@ -109,7 +109,9 @@ class Core:
     keep what they hold until they are released."""
 
     def __init__(self, index_path, pool_path, create, capacity, warm_bytes, transit_ttl):
-        out = ffi.new("ds_store **")
+        # the cell closes the handle when collected: an interrupt between
+        # ds_open and the finalizer below cannot leak the attachment
+        out = ffi.gc(ffi.new("ds_store **"), lib.ds_close_at)
         rc = lib.ds_open(os.fsencode(index_path), os.fsencode(pool_path), int(create),
                          capacity, warm_bytes, transit_ttl, out)
         if rc == errno.ENOENT:
@@ -128,7 +130,8 @@ class Core:
         uuid = ffi.new("uint8_t[16]")
         lib.ds_uuid(self._s, uuid)
         self.uuid = bytes(uuid)
-        self._finalizer = weakref.finalize(self, lib.ds_close, self._s)
+        self._cell = out
+        self._finalizer = weakref.finalize(self, lib.ds_close_at, out)
 
     # ---- references ----------------------------------------------------
     @staticmethod
