@@ -99,8 +99,8 @@ ds_object *ds_object_new(ds_store *s, const uint8_t *key, uint32_t keylen, uint3
 }
 
 static void blob_decref(ds_store *s, uint32_t bid) {
-    ds_blob *b = (ds_blob *)DS_CHUNK(s, bid);
-    if (b->h.kind != DS_K_BLOB || --b->h.refcnt > 0) return;
+    ds_blob *b = (ds_blob *)ds_chunk_get(s, bid, DS_K_BLOB);
+    if (!b || b->h.refcnt == 0 || --b->h.refcnt > 0) return;
     if (b->h.flags & DS_BF_SMALL) {
         if (b->h.flags & DS_BF_HASHED) ds_lh_remove(s, &s->hdr->blobs_ix, &ds_chunk_ops, bid);
         s->hdr->small_bytes -= ds_class_bytes(b->h.cls);
@@ -116,8 +116,8 @@ static void blob_decref(ds_store *s, uint32_t bid) {
 }
 
 static void pending_release(ds_store *s, uint32_t pid) {
-    ds_pending *pd = (ds_pending *)DS_CHUNK(s, pid);
-    if (pd->h.kind != DS_K_PENDING) return;
+    ds_pending *pd = (ds_pending *)ds_chunk_get(s, pid, DS_K_PENDING);
+    if (!pd) return;
     for (uint32_t k = 0, n = ds_list_len(pd); k < n; k++)
         if (pd->pages[k] != DS_ZERO) ds_page_decref(s, pd->pages[k]);
     ds_chunk_free(s, pid);
@@ -335,14 +335,12 @@ int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *
     ds_object *o = ds_obj_check(s, obj, gen);
     if (!o || o->state != DS_OBJ_SEALED || !o->blob || (o->oflags & DS_OF_DELETED))
         return DS_ENOTFOUND;
-    if ((uint64_t)o->blob >= s->hdr->heap_top) return DS_ECORRUPT;
-    ds_blob *b = (ds_blob *)DS_CHUNK(s, o->blob);
-    if (b->h.kind != DS_K_BLOB) return DS_ECORRUPT;
+    ds_blob *b = (ds_blob *)ds_chunk_get(s, o->blob, DS_K_BLOB);
+    if (!b) return DS_ECORRUPT;
     /* every size we hand out must stay inside the chunk */
     uint64_t room = ds_class_bytes(b->h.cls);
     uint64_t head = ALIGN16(16ull * b->nbufs + b->desclen);
-    if (room < sizeof *b || b->body > room - sizeof *b || head > b->body ||
-        (uint64_t)o->blob + room / DS_UNIT > s->hdr->heap_top)
+    if (room < sizeof *b || b->body > room - sizeof *b || head > b->body)
         return DS_ECORRUPT;
     if ((b->h.flags & DS_BF_SMALL) ? b->size > b->body - head : 8ull * b->nextents > b->body - head)
         return DS_ECORRUPT;

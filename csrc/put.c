@@ -79,9 +79,11 @@ static int put_small(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
         uint64_t guard = DS_CHAIN_MAX(&h->blobs_ix);
         for (uint32_t x = ds_lh_first(s, &h->blobs_ix, (uint32_t)fp); x != DS_NIL && guard--;
              x = DS_CHUNK(s, x)->next) {
-            ds_blob *b = (ds_blob *)DS_CHUNK(s, x);
+            ds_blob *b = (ds_blob *)ds_chunk_get(s, x, DS_K_BLOB);
+            if (!b) break;                       /* corrupt chain: no dedup */
             if (b->h.fp == (uint32_t)fp && b->size == size && b->desclen == desclen &&
-                b->nbufs == nbufs && b->body == body && memcmp(b + 1, img, body) == 0) {
+                b->nbufs == nbufs && b->body == body &&
+                ds_class_bytes(b->h.cls) >= sizeof *b + body && memcmp(b + 1, img, body) == 0) {
                 bid = x;
                 break;
             }
@@ -198,7 +200,9 @@ static int seal_pages(ds_store *s, uint32_t id, uint32_t *pages, uint32_t n, uin
 
 typedef struct put_job {
     ds_store *s;
-    uint32_t pend;             /* the object's PENDING chunk */
+    uint32_t obj;              /* the CREATED object being filled */
+    uint64_t gen;
+    uint32_t pend;             /* its PENDING chunk */
     int dedup;
     const srcpage *src;
     uint32_t *pages;           /* out: final page of each value page */
@@ -206,6 +210,22 @@ typedef struct put_job {
     uint32_t cursor;           /* where this thread allocates next */
     int rc;
 } put_job;
+
+/* Lock held: the object's pending list, if the object is still ours,
+ * CREATED, with this list, and the list has room for our pages.  Between
+ * two lock holds another thread may have aborted or committed it, or gc
+ * reaped it: then nothing of it may be touched again.  DS_ESTATE. */
+static ds_pending *job_pending(put_job *j, int *rc) {
+    ds_store *s = j->s;
+    ds_object *o = ds_obj_check(s, j->obj, j->gen);
+    ds_pending *pd = (ds_pending *)ds_chunk_get(s, j->pend, DS_K_PENDING);
+    if (!o || o->state != DS_OBJ_CREATED || o->owner != s->slot || o->blob != j->pend ||
+        !pd || ds_list_len(pd) < j->hi) {
+        *rc = DS_ESTATE;
+        return NULL;
+    }
+    return pd;
+}
 
 /* Lock held: give each listed page a fresh pool page (recorded in the
  * pending list).  0 or DS_EFULL. */
@@ -255,7 +275,8 @@ static void *put_range(void *arg) {
         /* lock: take a reference on each fingerprint match; fresh pages for the rest */
         int rc = ds_lock(s);
         if (rc) { j->rc = rc; return NULL; }
-        ds_pending *pd = (ds_pending *)DS_CHUNK(s, j->pend);
+        ds_pending *pd = job_pending(j, &rc);
+        if (!pd) { ds_unlock(s); j->rc = rc; return NULL; }
         uint32_t nmiss = 0, ncand = 0;
         for (uint32_t i = 0; i < m; i++) {
             if (zero[i]) { j->pages[c + i] = DS_ZERO; continue; }
@@ -286,7 +307,7 @@ static void *put_range(void *arg) {
              * pages for everything else in value order (one run, not bits) */
             rc = ds_lock(s);
             if (rc) { j->rc = rc; return NULL; }
-            pd = (ds_pending *)DS_CHUNK(s, j->pend);
+            if (!(pd = job_pending(j, &rc))) { ds_unlock(s); j->rc = rc; return NULL; }
             for (uint32_t k = 0; k < nfalse; k++) {
                 uint32_t i = falseidx[k];
                 ds_page_decref(s, j->pages[c + i]);
@@ -313,7 +334,7 @@ static void *put_range(void *arg) {
          * published the same bytes meanwhile */
         rc = ds_lock(s);
         if (rc) { j->rc = rc; return NULL; }
-        pd = (ds_pending *)DS_CHUNK(s, j->pend);
+        if (!(pd = job_pending(j, &rc))) { ds_unlock(s); j->rc = rc; return NULL; }
         for (uint32_t k = 0; k < nmiss; k++) {
             uint32_t i = missidx[k];
             uint32_t other = ds_page_find(s, fps[i], j->src[c + i].p);
@@ -334,10 +355,10 @@ static void *put_range(void *arg) {
 /* Run the pipeline over src[0..n): two threads for large values, each
  * allocating from its own part of the pool so the value stays one run.
  * pages[] receives the final page of each value page.  No lock held. */
-static int pipeline(ds_store *s, uint32_t pend, int dedup, const srcpage *src, uint32_t n,
-                    uint32_t *pages, uint32_t hint) {
-    put_job jobs[2] = {{s, pend, dedup, src, pages, 0, n, hint, 0},
-                       {s, pend, dedup, src, pages, n, n, hint, 0}};
+static int pipeline(ds_store *s, uint32_t obj, uint64_t gen, uint32_t pend, int dedup,
+                    const srcpage *src, uint32_t n, uint32_t *pages, uint32_t hint) {
+    put_job jobs[2] = {{s, obj, gen, pend, dedup, src, pages, 0, n, hint, 0},
+                       {s, obj, gen, pend, dedup, src, pages, n, n, hint, 0}};
     pthread_t th;
     int threaded = 0;
     if (n >= PUT_THREAD_MIN) {
@@ -371,6 +392,17 @@ static ds_pending *created_new(ds_store *s, const uint8_t *key, uint32_t keylen,
     o->blob = pend;
     o->size = size;
     return pd;
+}
+
+/* Lock held: the CREATED object of ours, if it still is (and, pend != 0,
+ * still has that pending list); NULL once it was committed, aborted or
+ * reaped. */
+static ds_object *created_by_me(ds_store *s, uint32_t obj, uint64_t gen, uint32_t pend) {
+    ds_object *o = ds_obj_check(s, obj, gen);
+    if (!o || o->state != DS_OBJ_CREATED || o->owner != s->slot ||
+        !ds_chunk_get(s, o->blob, DS_K_PENDING) || (pend && o->blob != pend))
+        return NULL;
+    return o;
 }
 
 /* Most pages one value may have: its page list must fit in a chunk of
@@ -431,10 +463,11 @@ static int put_large(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
     uint32_t hint = s->hdr->alloc_hint;
     ds_unlock(s);
 
-    rc = pipeline(s, pend, dedup, src, n, pages, hint);
+    rc = pipeline(s, id, mygen, pend, dedup, src, n, pages, hint);
 
     int lrc = ds_lock(s);
     if (lrc) { rc = lrc; goto out; }
+    if (rc == 0 && !created_by_me(s, id, mygen, pend)) rc = DS_ESTATE;
     if (rc == 0) {
         rc = seal_pages(s, id, pages, n, size, tab, nbufs, desc, desclen,
                         dedup ? 0 : DS_BF_NODEDUP, keyed, handle);
@@ -443,7 +476,7 @@ static int put_large(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
             *gen = mygen;
         }
     }
-    if (rc && ds_obj_check(s, id, mygen)) ds_object_free(s, id);
+    if (rc && created_by_me(s, id, mygen, pend)) ds_object_free(s, id);
     ds_unlock(s);
 out:
     free(tab); free(src); free(pages); free(tails);
@@ -512,13 +545,6 @@ int ds_create(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nbytes,
     return 0;
 }
 
-static ds_object *created_by_me(ds_store *s, uint32_t obj, uint64_t gen) {
-    ds_object *o = ds_obj_check(s, obj, gen);
-    if (!o || o->state != DS_OBJ_CREATED || o->owner != s->slot ||
-        !ds_chunk_get(s, o->blob, DS_K_PENDING))
-        return NULL;
-    return o;
-}
 
 /* After a commit: make the caller's buffer a copy-on-write view of the
  * stored pages (its anonymous copy is freed).  The caller holds a
@@ -551,7 +577,7 @@ int ds_commit(ds_store *s, uint32_t obj, uint64_t gen,
     if (desclen > (16u << 20) || !data) return DS_EINVAL;
     int rc = ds_lock(s);
     if (rc) return rc;
-    ds_object *o = created_by_me(s, obj, gen);
+    ds_object *o = created_by_me(s, obj, gen, 0);
     if (!o) { ds_unlock(s); return DS_ESTATE; }
     uint64_t size = o->size;
     uint32_t pend = o->blob, n = ds_list_len((ds_pending *)DS_CHUNK(s, pend));
@@ -568,13 +594,13 @@ int ds_commit(ds_store *s, uint32_t obj, uint64_t gen,
     if (size % DS_PAGE_SIZE) memset(data + size, 0, DS_PAGE_SIZE - size % DS_PAGE_SIZE);
     for (uint32_t i = 0; i < n; i++) src[i].p = data + (uint64_t)i * DS_PAGE_SIZE;
 
-    rc = pipeline(s, pend, 1, src, n, pages, hint);
+    rc = pipeline(s, obj, gen, pend, 1, src, n, pages, hint);
 
     int lrc = ds_lock(s);
     if (lrc) { rc = lrc; goto fail; }
     if (rc == 0) {
         uint64_t tab[2] = {0, size};
-        rc = created_by_me(s, obj, gen) && obj_at(s, obj)->blob == pend
+        rc = created_by_me(s, obj, gen, pend)
                  ? seal_pages(s, obj, pages, n, size, tab, 1, desc, desclen, 0, keyed, handle)
                  : DS_ESTATE;
     }
@@ -592,7 +618,7 @@ int ds_commit(ds_store *s, uint32_t obj, uint64_t gen,
 fail:
     /* discarded (ds_abort's state): its pages go back, the buffer reads zeros */
     if (ds_lock(s) == 0) {
-        if (created_by_me(s, obj, gen)) ds_object_free(s, obj);
+        if (created_by_me(s, obj, gen, 0)) ds_object_free(s, obj);
         ds_unlock(s);
     }
     scrub(data, (uint64_t)n * DS_PAGE_SIZE);
@@ -603,7 +629,7 @@ fail:
 int ds_abort(ds_store *s, uint32_t obj, uint64_t gen, uint8_t *data) {
     int rc = ds_lock(s);
     if (rc) return rc;
-    ds_object *o = created_by_me(s, obj, gen);
+    ds_object *o = created_by_me(s, obj, gen, 0);
     uint64_t n = o ? ds_list_len((ds_pending *)DS_CHUNK(s, o->blob)) : 0;
     if (o) ds_object_free(s, obj);
     ds_unlock(s);

@@ -273,3 +273,37 @@ def test_scalar_and_avx2_fingerprints_agree(make_store, store_name):
     if out["avx2"][0] != "avx2":
         pytest.skip("this CPU has no AVX2")
     assert out["scalar"][1] == out["avx2"][1]
+
+
+# ================================================================ create() buffers and fork
+
+@pytest.mark.limit(60)
+def test_child_writing_an_inherited_create_buffer_changes_no_stored_byte(make_store):
+    """A child forked inside ``with create()`` keeps its copy of the buffer;
+    after the parent commits, the child's writes to it must stay its own
+    (the old create mapped the pool pages themselves, MAP_SHARED)."""
+    s = make_store(capacity="64MiB")
+    data = rand_array(64 * PAGE, 110).tobytes()
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    with s.create("c", len(data)) as buf:
+        buf[:] = data
+        pid = os.fork()
+        if pid == 0:                                   # child: never leaves the block
+            try:
+                os.read(go_r, 1)                       # the parent has committed
+                buf[:] = b"\xaa" * len(data)
+                os.write(done_w, b"1")
+            finally:
+                os._exit(0)
+    os.write(go_w, b"1")
+    assert os.read(done_r, 1) == b"1"
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    for fd in (go_r, go_w, done_r, done_w):
+        os.close(fd)
+    assert bytes(s["c"]) == data, "a child's write reached the stored pages"
+    assert bytes(buf) == data
+    s["again"] = data                                  # and it still dedups onto them
+    assert s.stats()["pages_used"] == 64
+    assert s.check().ok
