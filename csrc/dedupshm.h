@@ -154,13 +154,18 @@ int ds_put(ds_store *s, const uint8_t *key, uint32_t keylen,
            const ds_iov *bufs, uint32_t nbufs, uint32_t flags,
            uint32_t *obj, uint64_t *gen, uint32_t *handle);
 
-/* Begin a writable object of nbytes: *data is a writable mapping of fresh
- * pages, invisible to others until ds_commit. */
+/* Begin a writable object of nbytes: *data is private, zero-filled,
+ * writable memory of this process (page-rounded length), invisible to
+ * others until ds_commit.  No pool page is taken (nor capacity counted)
+ * before the commit. */
 int ds_create(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nbytes,
               uint32_t *obj, uint64_t *gen, uint8_t **data);
-/* Seal a created object (dedup its pages) and bind its key (if any); remaps
- * data copy-on-write over the final pages.  *handle: caller's reference.
- * On failure the object is discarded (see ds_abort for data). */
+/* Seal a created object and bind its key (if any): the same pipeline as
+ * ds_put (zero pages and pages already stored cost no capacity; the tail
+ * of the last page is zeroed), then data is remapped copy-on-write over
+ * the stored pages.  *handle: caller's reference.  On failure (DS_EFULL
+ * when its new pages do not fit) the object is discarded (see ds_abort
+ * for data). */
 int ds_commit(ds_store *s, uint32_t obj, uint64_t gen,
               const uint8_t *desc, uint32_t desclen, uint8_t *data,
               uint32_t *handle);
@@ -184,7 +189,9 @@ int ds_claim(ds_store *s, uint64_t token, uint32_t obj, uint64_t gen,
              uint32_t *handle);
 
 /* Map an object the caller holds a reference on.  writable: private
- * copy-on-write mapping (always needs ds_unmap). */
+ * copy-on-write mapping (always needs ds_unmap).  A value of more page runs
+ * than a view may map one by one comes back as a private copy (read-only
+ * unless writable); out->map_len says what to unmap either way. */
 int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable,
             ds_viewinfo *out);
 int ds_unmap(void *addr, uint64_t len);

@@ -1,7 +1,11 @@
 /*
  * heap.c -- the metadata heap and the linear hash indexes.
  *
- * Who may call: only code holding hdr->lock (ds_lock), in any process.
+ * Who may call: code holding hdr->lock (ds_lock), in any process; except
+ * ds_class_bytes/ds_chunk_bytes_for (pure; the class table is filled once
+ * per process through pthread_once) and ds_fallocate (a syscall wrapper).
+ * ds_chunk_get (layout.h) is the one check of a chunk id read from shared
+ * memory, ds_chunk_next/DS_FOR_CHUNKS the one heap walk.
  *
  * The heap is a bump region of the index file cut into chunks of fixed
  * size classes (about four per doubling, so at most ~20% of a chunk is
@@ -75,7 +79,7 @@ uint32_t ds_chunk_alloc(ds_store *s, uint64_t bytes, uint8_t kind) {
     if (cls < 0) return 0;
     uint64_t units = g_cls_units[cls];
     uint32_t id = h->free_head[cls];
-    if (id && (DS_CHUNK(s, id)->kind != DS_K_FREE || DS_CHUNK(s, id)->cls != cls)) {
+    if (id && (!ds_chunk_get(s, id, DS_K_FREE) || DS_CHUNK(s, id)->cls != cls)) {
         h->free_head[cls] = 0;               /* corrupt list: forget it (leaks, never overlaps) */
         id = 0;
     }

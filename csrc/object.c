@@ -24,13 +24,19 @@
 
 static ds_object *obj_at(ds_store *s, uint32_t id) { return (ds_object *)DS_CHUNK(s, id); }
 
+/* An object chunk (any generation) whose key fits in it; NULL if not. */
+static ds_object *obj_valid(ds_store *s, uint32_t id) {
+    ds_object *o = (ds_object *)ds_chunk_get(s, id, DS_K_OBJECT);
+    if (!o || o->keylen > DS_MAX_KEY || ds_class_bytes(o->h.cls) < sizeof *o + (uint64_t)o->keylen)
+        return NULL;
+    return o;
+}
+
 /* An object id from outside: must name an object of that generation.
  * Lock held (or a reference on it). */
 ds_object *ds_obj_check(ds_store *s, uint32_t id, uint64_t gen) {
-    ds_object *o = (ds_object *)ds_chunk_get(s, id, DS_K_OBJECT);
-    if (!o || o->gen != gen || ds_class_bytes(o->h.cls) < sizeof *o + (uint64_t)o->keylen)
-        return NULL;
-    return o;
+    ds_object *o = obj_valid(s, id);
+    return o && o->gen == gen ? o : NULL;
 }
 
 static uint32_t key_hash(ds_store *s, const uint8_t *key, uint32_t keylen) {
@@ -41,7 +47,8 @@ static uint32_t key_find(ds_store *s, const uint8_t *key, uint32_t keylen) {
     uint32_t kh = key_hash(s, key, keylen);
     uint64_t guard = DS_CHAIN_MAX(&s->hdr->keys_ix);
     for (uint32_t x = ds_lh_first(s, &s->hdr->keys_ix, kh); x != DS_NIL && guard--; x = DS_CHUNK(s, x)->next) {
-        ds_object *o = obj_at(s, x);
+        ds_object *o = obj_valid(s, x);
+        if (!o) break;                           /* corrupt chain */
         if (o->h.fp == kh && o->keylen == keylen && memcmp(o->key, key, keylen) == 0) return x;
     }
     return DS_NIL;
@@ -440,8 +447,8 @@ int ds_keys(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed) {
     uint64_t guard = DS_CHAIN_MAX(t) * 2;
     for (uint32_t b = 0; b < nb && b < t->max_buckets; b++) {
         for (uint32_t x = bk[b]; x != DS_NIL && guard; x = DS_CHUNK(s, x)->next, guard--) {
-            if (DS_CHUNK(s, x)->kind != DS_K_OBJECT || obj_at(s, x)->keylen > DS_MAX_KEY) break;
-            ds_object *o = obj_at(s, x);
+            ds_object *o = obj_valid(s, x);
+            if (!o) break;
             if (pos + 12 + o->keylen <= buflen) {
                 memcpy(buf + pos, &o->keylen, 4);
                 memcpy(buf + pos + 4, &o->size, 8);
