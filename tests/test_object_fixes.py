@@ -307,3 +307,57 @@ def test_child_writing_an_inherited_create_buffer_changes_no_stored_byte(make_st
     s["again"] = data                                  # and it still dedups onto them
     assert s.stats()["pages_used"] == 64
     assert s.check().ok
+
+
+# ================================================================ #17 ids read from shared memory
+
+def _class_units():
+    units, u = [], 2
+    for _ in range(120):
+        units.append(u)
+        n = u + u // 4
+        u = n if n > u else u + 1
+    return units
+
+
+def _heap_chunks(index_path):
+    """(file offset, kind, cls) of every chunk of a store's heap."""
+    import struct
+    with open(index_path, "rb") as f:
+        head = f.read(4096)
+        heap_off = struct.unpack_from("<Q", head, 104)[0]
+        f.seek(heap_off)
+        heap = f.read(64 << 20)
+    units, out, uid = _class_units(), [], 1
+    while uid * 16 + 2 <= len(heap):
+        kind, cls = heap[uid * 16], heap[uid * 16 + 1]
+        if kind == 0 or cls >= 120:
+            break
+        out.append((heap_off + uid * 16, kind, cls))
+        uid += units[cls]
+    return out
+
+
+def test_chunk_with_unknown_class_is_never_freed_into_the_header(make_store):
+    """A blob whose class byte is corrupt: freeing it used to index the
+    class tables with it (free_head[126] is the 'objects' counter)."""
+    from dedupshm.store import store_paths
+    s = make_store(capacity="16MiB")
+    s["v"] = rand_array(8 * PAGE, 120)
+    index = store_paths(s.name, s.directory)[0]
+    blobs = [(off, cls) for off, kind, cls in _heap_chunks(index) if kind == 0xB2]
+    assert len(blobs) == 1, blobs
+    with open(index, "r+b") as f:
+        f.seek(blobs[0][0] + 1)
+        f.write(bytes([126]))
+    del s["v"]
+    import gc
+    gc.collect()
+    st = s.stats()
+    assert st["objects"] == 0 and st["keys"] == 0, st
+    rep = s.check()
+    assert not rep.ok and any("class" in e for e in rep.errors), rep.errors
+    # the store goes on working around the leaked chunk
+    w = rand_array(8 * PAGE, 121)
+    s["w"] = w
+    assert np.array_equal(s["w"], w)
