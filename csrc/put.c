@@ -257,6 +257,8 @@ static void *put_range(void *arg) {
     for (uint32_t c = j->lo; c < j->hi; c += PUT_CHUNK) {
         uint32_t e = c + PUT_CHUNK < j->hi ? c + PUT_CHUNK : j->hi, m = e - c;
         uint32_t nsame = 0;
+        uint8_t seen[2 * PUT_CHUNK];             /* open addressing on fingerprints */
+        memset(seen, NOSAME, sizeof seen);
         for (uint32_t i = 0; i < m; i++) {
             const uint8_t *p = j->src[c + i].p;
             same[i] = NOSAME;
@@ -264,13 +266,17 @@ static void *put_range(void *arg) {
             if (zero[i]) continue;
             fps[i] = ds_hash_bytes(s, p, DS_PAGE_SIZE);
             if (!j->dedup) continue;
-            for (uint32_t k = 0; k < i; k++)     /* an earlier page of this piece? */
-                if (!zero[k] && same[k] == NOSAME && fps[k] == fps[i] &&
-                    memcmp(j->src[c + k].p, p, DS_PAGE_SIZE) == 0) {
+            /* an earlier page of this piece with the same bytes? */
+            uint32_t h = (uint32_t)fps[i] & (2 * PUT_CHUNK - 1);
+            for (; seen[h] != NOSAME; h = (h + 1) & (2 * PUT_CHUNK - 1)) {
+                uint32_t k = seen[h];
+                if (fps[k] == fps[i] && memcmp(j->src[c + k].p, p, DS_PAGE_SIZE) == 0) {
                     same[i] = (uint8_t)k;
                     nsame++;
                     break;
                 }
+            }
+            if (same[i] == NOSAME) seen[h] = (uint8_t)i;
         }
         /* lock: take a reference on each fingerprint match; fresh pages for the rest */
         int rc = ds_lock(s);
