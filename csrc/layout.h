@@ -306,7 +306,8 @@ uint64_t ds_chunk_next(ds_store *s, uint64_t id);
     for (uint64_t id = 1, _ds_nx; id < (s)->hdr->heap_top &&                   \
          (_ds_nx = ds_chunk_next((s), id)) != 0; id = _ds_nx)                  \
         for (ds_chunk *c = DS_CHUNK_RAW((s), id); c; c = NULL)
-/* fallocate that retries on EINTR (a signal must not fail a reservation) */
+/* heap.c: fallocate that retries on EINTR (a signal must not fail a
+ * reservation or leave a punch undone).  Any caller, no lock needed. */
 int  ds_fallocate(int fd, int mode, uint64_t off, uint64_t len);
 
 /* address helpers */
@@ -315,7 +316,8 @@ int  ds_fallocate(int fd, int mode, uint64_t off, uint64_t len);
  * outside the heap (or a page outside the backed page meta) yields a
  * process-local zeroed stand-in whose kind matches nothing, so corrupt
  * metadata is reported by the callers' kind checks and never makes us
- * read or write outside our mappings.  _RAW: for the allocator only. */
+ * read or write outside our mappings.  _RAW: for ids already checked
+ * (the allocator, ds_chunk_get, the heap walk). */
 /* The stand-in is per thread (threads of one process reach it at once:
  * a shared one would be zeroed under a thread still reading it). */
 #define DS_DUMMY_BYTES 512u
