@@ -229,14 +229,16 @@ void ds_ref_drop(ds_ref *r);
 void ds_view_drop(ds_viewinfo *vi);
 void ds_view_drop_at(ds_viewinfo *vi, void *addr);
 
-/* Create: vi->data is a writable, zero-filled mapping of fresh pages
- * (DS_OWN_MAP | DS_OWN_CREATE), invisible to others until committed.
- * Commit seals it (dedup, key binding) and remaps vi->data copy-on-write
- * over the final pages; the cell then holds a reference (DS_OWN_PIN).
- * Abort (also what a failed commit leaves) discards the object and leaves
- * vi->data mapped to zero pages until ds_view_close.  A child of fork()
- * gets a private copy of a buffer being filled; only the process that
- * began a create can commit it (DS_ESTATE). */
+/* Create: vi->data is private, zero-filled, writable memory of this
+ * process (DS_OWN_MAP | DS_OWN_CREATE); no pool page is taken, nor
+ * capacity counted, before the commit.  Commit runs the put pipeline over
+ * it (zero pages and pages already stored cost nothing; the tail of the
+ * last page is zeroed), seals and binds the key, and remaps vi->data
+ * copy-on-write over the stored pages; the cell then holds a reference
+ * (DS_OWN_PIN).  Abort (also what a failed commit leaves) discards the
+ * object and leaves vi->data mapped to zero pages until ds_view_close.  A
+ * child of fork() inherits the buffer as private memory, like any other;
+ * only the process that began a create can commit it (DS_ESTATE). */
 int ds_create_open(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nbytes,
                    ds_viewinfo *vi);
 int ds_create_commit(ds_store *s, ds_viewinfo *vi, const uint8_t *desc, uint32_t desclen);

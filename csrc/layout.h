@@ -343,7 +343,37 @@ int ds_abort(ds_store *s, uint32_t obj, uint64_t gen, uint8_t *data);
 int ds_acquire(ds_store *s, uint32_t obj, uint64_t gen, uint32_t *handle);
 int ds_release(ds_store *s, uint32_t handle);
 int ds_claim(ds_store *s, uint64_t token, uint32_t obj, uint64_t gen, uint32_t *handle);
+/* Map an object the caller holds a reference on (a live, sealed, not
+ * deleted one).  writable: private copy-on-write.  A value of more page
+ * runs than ds_view_runs_max() comes back as a private copy (read-only
+ * unless writable); out->map_len says what to unmap either way. */
 int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *out);
+/* object.c, for put.c: objects and their keys (lock held) */
+struct ds_object;
+struct ds_object *ds_obj_check(ds_store *s, uint32_t id, uint64_t gen);
+struct ds_object *ds_object_new(ds_store *s, const uint8_t *key, uint32_t keylen, uint32_t *id);
+int  ds_object_seal(ds_store *s, uint32_t id, uint32_t blob, uint64_t size, int keyed,
+                    uint32_t *handle);
+/* object.c: mapping page runs (no lock; the caller holds references on
+ * the pages).  ds_view_runs_max: most runs a view maps one by one (each
+ * costs a VMA); beyond it the bytes are copied into one mapping. */
+int  ds_map_runs(ds_store *s, uint8_t *addr, const uint32_t *ext, uint32_t nruns,
+                 int prot, int shared);
+uint8_t *ds_reserve_va(uint64_t len);
+uint32_t ds_view_runs_max(void);
+/* heap.c: the one heap walk.  ds_chunk_next: the chunk after id, or 0
+ * when the walk must stop (end of heap, or a chunk whose class is unknown
+ * or that runs past heap_top: a torn tail).  Lock held. */
+uint64_t ds_chunk_next(ds_store *s, uint64_t id);
+/* Visit every chunk from unit 1 (lock held).  'continue' is fine; 'break'
+ * leaves only the inner loop, so use goto or a flag to stop early. */
+#define DS_FOR_CHUNKS(s, id, c)                                                \
+    for (uint64_t id = 1, _ds_nx; id < (s)->hdr->heap_top &&                   \
+         (_ds_nx = ds_chunk_next((s), id)) != 0; id = _ds_nx)                  \
+        for (ds_chunk *c = DS_CHUNK_RAW((s), id); c; c = NULL)
+/* heap.c: fallocate that retries on EINTR (a signal must not fail a
+ * reservation or leave a punch undone).  Any caller, no lock needed. */
+int  ds_fallocate(int fd, int mode, uint64_t off, uint64_t len);
 
 /* address helpers */
 #define DS_HDR(s)        ((s)->hdr)
@@ -351,22 +381,30 @@ int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *
  * outside the heap (or a page outside the backed page meta) yields a
  * process-local zeroed stand-in whose kind matches nothing, so corrupt
  * metadata is reported by the callers' kind checks and never makes us
- * read or write outside our mappings.  _RAW: for the allocator only. */
-extern uint8_t ds_dummy[65536];
+ * read or write outside our mappings.  _RAW: for ids already checked
+ * (the allocator, ds_chunk_get, the heap walk). */
+/* The stand-in is per thread (threads of one process reach it at once:
+ * a shared one would be zeroed under a thread still reading it). */
+#define DS_DUMMY_BYTES 512u
+extern __thread uint64_t ds_dummy[DS_DUMMY_BYTES / 8];
+static inline void *ds_standin(void) {
+    memset(ds_dummy, 0, DS_DUMMY_BYTES);
+    return ds_dummy;
+}
 #define DS_CHUNK_RAW(s, id) ((ds_chunk *)((s)->ix + (s)->hdr->heap_off + (uint64_t)(id) * DS_UNIT))
 static inline ds_chunk *ds_chunk_at(ds_store *s, uint64_t id) {
     if (id - 1 >= s->hdr->heap_top - 1) {          /* id == 0 or id >= heap_top */
-        memset(ds_dummy, 0, 256);
-        ((ds_chunk *)ds_dummy)->next = DS_NIL;      /* ends any chain it is found in */
-        return (ds_chunk *)ds_dummy;
+        ds_chunk *c = ds_standin();
+        c->next = DS_NIL;                           /* ends any chain it is found in */
+        return c;
     }
     return DS_CHUNK_RAW(s, id);
 }
 static inline ds_pmeta *ds_pmeta_at(ds_store *s, uint64_t pg) {
     if (pg >= s->hdr->cap_pages || (pg + 1) * sizeof(ds_pmeta) > s->hdr->pmeta_backed) {
-        memset(ds_dummy, 0, 256);
-        ((ds_pmeta *)ds_dummy)->next = DS_NIL;
-        return (ds_pmeta *)ds_dummy;
+        ds_pmeta *m = ds_standin();
+        m->next = DS_NIL;
+        return m;
     }
     return ((ds_pmeta *)(s->ix + s->hdr->pmeta_off)) + pg;
 }
@@ -402,6 +440,19 @@ static inline uint8_t *ds_blob_payload(ds_blob *b) {
     uint64_t off = 16u * b->nbufs + b->desclen;
     off = (off + 15u) & ~(uint64_t)15u;
     return (uint8_t *)(b + 1) + off;
+}
+
+/* THE validator for a chunk id read from shared memory (or from a
+ * caller): the chunk if id lies inside the heap, its class is known, it
+ * ends inside the heap and (kind != 0) it is of that kind; else NULL.
+ * Lock held, or a reference that keeps the chunk alive. */
+static inline ds_chunk *ds_chunk_get(ds_store *s, uint64_t id, uint8_t kind) {
+    uint64_t top = s->hdr->heap_top;
+    if (id < 1 || id >= top) return NULL;
+    ds_chunk *c = DS_CHUNK_RAW(s, id);
+    uint64_t bytes = ds_class_bytes(c->cls);
+    if (!bytes || id + bytes / DS_UNIT > top || (kind && c->kind != kind)) return NULL;
+    return c;
 }
 
 #endif

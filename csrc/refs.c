@@ -35,8 +35,8 @@
  * slot lives exactly as long as the child (or, if fork failed, dies at
  * once and gc reclaims it).  The child moves onto fork_fd (dup2 over
  * index_fd, so the parent's own slot lock is not the child's business),
- * adopts the slot and the copies, and takes a private snapshot of any
- * create buffer it inherited half filled.  A handle that could not get a
+ * adopts the slot and the copies, and lets go of the parent's creates
+ * (their buffers are private memory: fork copied them).  A handle that could not get a
  * slot is an orphan in the child: every call fails, releases do nothing.
  *
  * Lock order: g_stores_mu -> merger->mu -> pin_mu -> hdr->lock.
@@ -575,18 +575,6 @@ static void remap_index(ds_store *s) {
     }
 }
 
-/* Child: a private copy of a create buffer the parent is still filling. */
-static void snapshot_create(ds_viewinfo *vi) {
-    void *tmp = mmap(NULL, vi->map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (tmp != MAP_FAILED) {
-        memcpy(tmp, vi->data, vi->map_len);
-        if (mremap(tmp, vi->map_len, vi->map_len, MREMAP_MAYMOVE | MREMAP_FIXED, vi->data) != MAP_FAILED)
-            return;
-        munmap(tmp, vi->map_len);
-    }
-    mmap(vi->data, vi->map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
-}
-
 static void atfork_child(void) {
     uint32_t pid = (uint32_t)getpid();
     ds_wp_atfork_child();
@@ -611,10 +599,10 @@ static void atfork_child(void) {
         s->pid = pid;
         s->fork_fd = -1;
         s->fork_slot = DS_NIL;
-        for (ds_viewinfo *vi = s->creating; vi; vi = vi->link) {
-            snapshot_create(vi);
-            vi->own &= ~(uint32_t)DS_OWN_CREATE;   /* the parent's object, not ours */
-        }
+        /* a create buffer is private memory: fork gave us our own copy of
+         * it; the object being filled is the parent's, not ours to commit */
+        for (ds_viewinfo *vi = s->creating; vi; vi = vi->link)
+            vi->own &= ~(uint32_t)DS_OWN_CREATE;
         s->creating = NULL;
         if (!prepared) continue;
         pthread_mutex_unlock(&s->pin_mu);

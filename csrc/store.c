@@ -75,17 +75,9 @@ const char *ds_strerror(int rc) {
 
 int ds_back(ds_store *s, uint64_t off, uint64_t len) {
     if (len == 0) return 0;
-    while (fallocate(s->index_fd, 0, (off_t)off, (off_t)len) != 0)
-        if (errno != EINTR) return errno == ENOSPC ? DS_EFULL : errno;
+    if (ds_fallocate(s->index_fd, 0, off, len) != 0) return errno == ENOSPC ? DS_EFULL : errno;
     return 0;
 }
-
-/* Visit every chunk of the heap (lock held).  'continue' is allowed. */
-#define FOR_CHUNKS(s, id, c)                                                   \
-    for (uint64_t id = 1, _n = 0; id < (s)->hdr->heap_top;                    \
-         id = _n > id ? _n : (s)->hdr->heap_top)                               \
-        for (ds_chunk *c = DS_CHUNK(s, id);                                    \
-             c && (_n = id + ds_class_bytes(c->cls) / DS_UNIT) > id; c = NULL)
 
 /* ---- clients ---- */
 
@@ -407,7 +399,7 @@ void ds_uuid(ds_store *s, uint8_t out[16]) { memcpy(out, s->hdr->uuid, 16); }
 static void release_clients(ds_store *s, const uint64_t *dead, uint64_t ttl_now, ds_gcinfo *gi) {
     ds_header *h = s->hdr;
 #define DEAD(slot) ((slot) < h->max_clients && (dead[(slot) >> 6] >> ((slot) & 63) & 1))
-    FOR_CHUNKS(s, id, c) {
+    DS_FOR_CHUNKS(s, id, c) {
         if (c->kind == DS_K_HANDLE) {
             ds_handle *hd = (ds_handle *)c;
             int expired = ttl_now && hd->owner == DS_TRANSIT_OWNER &&
@@ -579,11 +571,6 @@ int ds_stats_get(ds_store *s, ds_stats *o) {
  *  5. orphans (unreferenced blobs, pending lists, dangling handles, sealed
  *     objects nobody references) are freed.
  */
-static int valid_chunk(ds_store *s, uint64_t id, uint8_t kind) {
-    return id >= 1 && id < s->hdr->heap_top && DS_CHUNK(s, id)->kind == kind &&
-           DS_CHUNK(s, id)->cls < DS_NCLASSES;
-}
-
 static void ds_rebuild(ds_store *s) {
     ds_header *h = s->hdr;
     ds_heap_rebuild_free(s);
@@ -604,12 +591,12 @@ static void ds_rebuild(ds_store *s) {
     for (uint32_t i = 0; i < h->max_clients; i++) DS_CLIENT(s, i)->handles = 0;
 
     /* pass 0: zero chunk refcounts */
-    FOR_CHUNKS(s, id, c) { c->refcnt = 0; }
+    DS_FOR_CHUNKS(s, id, c) { c->refcnt = 0; }
     /* pass 1: handles and key bindings count on objects */
-    FOR_CHUNKS(s, id, c) {
+    DS_FOR_CHUNKS(s, id, c) {
         if (c->kind == DS_K_HANDLE) {
             ds_handle *hd = (ds_handle *)c;
-            ds_object *o = valid_chunk(s, hd->obj, DS_K_OBJECT) ? (ds_object *)DS_CHUNK(s, hd->obj) : NULL;
+            ds_object *o = ds_chunk_get(s, hd->obj, DS_K_OBJECT) ? (ds_object *)DS_CHUNK(s, hd->obj) : NULL;
             if (!o || o->gen != hd->gen || o->state != DS_OBJ_SEALED ||
                 (hd->owner != DS_TRANSIT_OWNER && hd->owner >= h->max_clients)) {
                 ds_chunk_free(s, (uint32_t)id);
@@ -625,10 +612,10 @@ static void ds_rebuild(ds_store *s) {
         }
     }
     /* pass 2: objects count on blobs / pending lists; keys are indexed */
-    FOR_CHUNKS(s, id, c) {
+    DS_FOR_CHUNKS(s, id, c) {
         if (c->kind != DS_K_OBJECT) continue;
         ds_object *o = (ds_object *)c;
-        if (o->state == DS_OBJ_SEALED && valid_chunk(s, o->blob, DS_K_BLOB)) {
+        if (o->state == DS_OBJ_SEALED && ds_chunk_get(s, o->blob, DS_K_BLOB)) {
             DS_CHUNK(s, o->blob)->refcnt++;
             h->objects++;
             h->logical_bytes += o->size;
@@ -652,7 +639,7 @@ static void ds_rebuild(ds_store *s) {
                 h->keys++;
             }
         } else if (o->state == DS_OBJ_CREATED) {
-            if (o->blob && valid_chunk(s, o->blob, DS_K_PENDING)) DS_CHUNK(s, o->blob)->refcnt = 1;
+            if (o->blob && ds_chunk_get(s, o->blob, DS_K_PENDING)) DS_CHUNK(s, o->blob)->refcnt = 1;
             else o->blob = 0;
         } else {
             o->state = DS_OBJ_CREATED;   /* torn: let gc reclaim it */
@@ -660,7 +647,7 @@ static void ds_rebuild(ds_store *s) {
         }
     }
     /* pass 3: blobs and pending lists count on pages */
-    FOR_CHUNKS(s, id, c) {
+    DS_FOR_CHUNKS(s, id, c) {
         if (c->kind == DS_K_BLOB) {
             ds_blob *b = (ds_blob *)c;
             if (b->h.refcnt == 0) { ds_chunk_free(s, (uint32_t)id); continue; }
@@ -715,8 +702,8 @@ static void ds_rebuild(ds_store *s) {
             if (backed[p >> 6] & bit) {
                 if (h->warm_free < h->warm_pages) h->warm_free++;
                 else {
-                    fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                              (off_t)p * DS_PAGE_SIZE, DS_PAGE_SIZE);
+                    ds_fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                 (uint64_t)p * DS_PAGE_SIZE, DS_PAGE_SIZE);
                     backed[p >> 6] &= ~bit;
                 }
             }
@@ -724,7 +711,7 @@ static void ds_rebuild(ds_store *s) {
     }
     h->alloc_hint = 0;
     /* sealed objects nobody references any more */
-    FOR_CHUNKS(s, id, c) {
+    DS_FOR_CHUNKS(s, id, c) {
         if (c->kind == DS_K_OBJECT && ((ds_object *)c)->state == DS_OBJ_SEALED && c->refcnt == 0)
             ds_object_free(s, (uint32_t)id);
     }

@@ -55,7 +55,9 @@ def test_huge_sizes_are_store_full(make_store, store_name):
         with s.create("k", 1 << 40):
             pass
     with pytest.raises(dedupshm.StoreFullError):
-        s.put(np.ones(8 * MiB))          # 64 MiB of non-zero pages into 16 MiB
+        # 64 MiB of distinct non-zero pages into 16 MiB (np.ones would be one
+        # page repeated: within-value dedup stores it in a single page)
+        s.put(np.random.default_rng(5).integers(1, 1 << 62, 8 * MiB))
     assert "k" not in s and s.stats()["objects"] == 0 and s.check().ok
 
 
@@ -165,7 +167,8 @@ def test_full_tmpfs_is_store_full_never_sigbus(small_tmpfs):
         # creates, small values and merges fail cleanly too
         with pytest.raises(dedupshm.StoreFullError):
             with s.create("big", 32 * MiB) as buf:
-                buf[:1] = b"x"
+                # new pages (a buffer of zero pages would need none)
+                buf[:] = np.random.default_rng(2).bytes(32 * MiB)
         assert "big" not in s
         m = s.mergeable_array(4 * MiB, np.uint8) if _try_mergeable(s) else None
         if m is not None:
