@@ -59,7 +59,7 @@ static int fits(ds_store *s, uint64_t id, uint64_t bytes) {
     return bytes <= ds_class_bytes(DS_CHUNK(s, id)->cls);
 }
 
-int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
+int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
     memset(out, 0, sizeof *out);
     if (buflen) buf[0] = 0;
     ck c = {s, buf, buflen, 0, 0};

@@ -324,6 +324,15 @@ void ds_merger_fork_parent(ds_store *s);
 void ds_merger_fork_child(ds_store *s);
 /* refs.c */
 void ds_refs_add(ds_store *s);
+/* object.c, check.c: bodies of public calls whose guard (ds_enter/ds_leave)
+ * is in refs.c; same contracts as in dedupshm.h */
+int ds_lookup_in(ds_store *s, const uint8_t *key, uint32_t keylen, uint32_t *obj, uint64_t *gen);
+int ds_transit_in(ds_store *s, uint32_t obj, uint64_t gen, uint64_t *token);
+int ds_delete_key_in(ds_store *s, const uint8_t *key, uint32_t keylen);
+int ds_delete_obj_in(ds_store *s, uint32_t obj, uint64_t gen);
+int ds_count_in(ds_store *s, uint64_t *n);
+int ds_keys_in(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed);
+int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out);
 /* object.c: handle-level operations, wrapped by refs.c (which owns the
  * process's reference table); see dedupshm.h for the cell-level API. */
 void ds_object_free(ds_store *s, uint32_t id);

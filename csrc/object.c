@@ -172,7 +172,7 @@ int ds_object_seal(ds_store *s, uint32_t id, uint32_t blob, uint64_t size,
 
 /* ---- lookup, references ---- */
 
-int ds_lookup(ds_store *s, const uint8_t *key, uint32_t keylen, uint32_t *obj, uint64_t *gen) {
+int ds_lookup_in(ds_store *s, const uint8_t *key, uint32_t keylen, uint32_t *obj, uint64_t *gen) {
     if (keylen > DS_MAX_KEY) return DS_EINVAL;
     int rc = ds_lock(s);
     if (rc) return rc;
@@ -222,7 +222,7 @@ int ds_release(ds_store *s, uint32_t hid) {
     return rc;
 }
 
-int ds_transit(ds_store *s, uint32_t obj, uint64_t gen, uint64_t *token) {
+int ds_transit_in(ds_store *s, uint32_t obj, uint64_t gen, uint64_t *token) {
     int rc = ds_lock(s);
     if (rc) return rc;
     uint32_t hid;
@@ -403,7 +403,7 @@ int ds_unmap(void *addr, uint64_t len) {
 
 /* ---- delete, keys ---- */
 
-int ds_delete_key(ds_store *s, const uint8_t *key, uint32_t keylen) {
+int ds_delete_key_in(ds_store *s, const uint8_t *key, uint32_t keylen) {
     if (keylen > DS_MAX_KEY) return DS_EINVAL;
     int rc = ds_lock(s);
     if (rc) return rc;
@@ -414,7 +414,7 @@ int ds_delete_key(ds_store *s, const uint8_t *key, uint32_t keylen) {
     return rc;
 }
 
-int ds_delete_obj(ds_store *s, uint32_t obj, uint64_t gen) {
+int ds_delete_obj_in(ds_store *s, uint32_t obj, uint64_t gen) {
     int rc = ds_lock(s);
     if (rc) return rc;
     ds_object *o = live(s, obj, gen);
@@ -429,7 +429,7 @@ int ds_delete_obj(ds_store *s, uint32_t obj, uint64_t gen) {
     return rc;
 }
 
-int ds_count(ds_store *s, uint64_t *n) {
+int ds_count_in(ds_store *s, uint64_t *n) {
     int rc = ds_lock(s);
     if (rc) return rc;
     *n = s->hdr->keys;
@@ -437,7 +437,7 @@ int ds_count(ds_store *s, uint64_t *n) {
     return 0;
 }
 
-int ds_keys(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed) {
+int ds_keys_in(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed) {
     int rc = ds_lock(s);
     if (rc) return rc;
     ds_lhash *t = &s->hdr->keys_ix;

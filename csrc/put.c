@@ -615,7 +615,7 @@ int ds_commit(ds_store *s, uint32_t obj, uint64_t gen,
 
     rc = remap_committed(s, data, pages, n);
     if (rc) {                                /* the buffer is gone: undo the commit */
-        ds_delete_obj(s, obj, gen);
+        ds_delete_obj_in(s, obj, gen);
         ds_release(s, *handle);
         scrub(data, (uint64_t)n * DS_PAGE_SIZE);
     }

@@ -282,6 +282,37 @@ int ds_ref_alive(ds_store *s, uint32_t obj, uint64_t gen) {
     return rc;
 }
 
+/* ---- the other calls on a handle: entered here ---- */
+
+#define GUARDED(call)                         \
+    do {                                      \
+        int rc_ = ds_enter(s);                \
+        if (rc_) return rc_;                  \
+        rc_ = (call);                         \
+        ds_leave(s);                          \
+        return rc_;                           \
+    } while (0)
+
+int ds_lookup(ds_store *s, const uint8_t *key, uint32_t keylen, uint32_t *obj, uint64_t *gen) {
+    GUARDED(ds_lookup_in(s, key, keylen, obj, gen));
+}
+int ds_transit(ds_store *s, uint32_t obj, uint64_t gen, uint64_t *token) {
+    GUARDED(ds_transit_in(s, obj, gen, token));
+}
+int ds_delete_key(ds_store *s, const uint8_t *key, uint32_t keylen) {
+    GUARDED(ds_delete_key_in(s, key, keylen));
+}
+int ds_delete_obj(ds_store *s, uint32_t obj, uint64_t gen) {
+    GUARDED(ds_delete_obj_in(s, obj, gen));
+}
+int ds_count(ds_store *s, uint64_t *n) { GUARDED(ds_count_in(s, n)); }
+int ds_keys(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed) {
+    GUARDED(ds_keys_in(s, buf, buflen, needed));
+}
+int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
+    GUARDED(ds_check_in(s, buf, buflen, out));
+}
+
 /* ---- view cells ---- */
 
 /* Pin (obj, gen) and map it into *vi.  Entered. */
@@ -332,7 +363,7 @@ int ds_view_key(ds_store *s, const uint8_t *key, uint32_t keylen, int writable,
     for (int tries = 0; tries < 1000; tries++) {
         uint32_t obj;
         uint64_t gen;
-        rc = ds_lookup(s, key, keylen, &obj, &gen);
+        rc = ds_lookup_in(s, key, keylen, &obj, &gen);
         if (rc) break;
         rc = view_open(s, obj, gen, writable, vi);
         if (rc != DS_ENOTFOUND) break;   /* else: replaced meanwhile, look again */
