@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from ._format import human_bytes  # noqa: F401 - public here too
 from .store import DEFAULT_DIRECTORY, Store, store_paths
 
 _STAT_ORDER = [
@@ -19,16 +20,6 @@ _STAT_ORDER = [
     ("handles", "references held", False), ("gc_runs", "gc runs", False),
     ("reaped_clients", "dead processes reaped", False), ("recoveries", "lock recoveries", False),
 ]
-
-
-def human_bytes(n):
-    """1536 -> '1.5 KiB'."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _fmt(value, is_bytes):

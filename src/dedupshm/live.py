@@ -17,7 +17,7 @@ import sys
 import time
 from datetime import datetime
 
-from .cli import human_bytes
+from ._format import human_bytes
 from .store import DEFAULT_DIRECTORY, store_paths
 
 MiB = 1 << 20
