@@ -7,6 +7,7 @@ import os
 import sys
 
 from ._format import human_bytes  # noqa: F401 - public here too
+from .errors import CorruptStoreError, DedupShmError, IncompatibleStoreError
 from .store import DEFAULT_DIRECTORY, Store, store_paths
 
 _STAT_ORDER = [
@@ -229,7 +230,6 @@ def _progress(total, verb):
 
 
 def cmd_put(args, out):
-    from .errors import DedupShmError
     try:
         return _put(args, out)
     except DedupShmError as e:                       # e.g. the store is full
@@ -397,6 +397,13 @@ def main(argv=None, out=None):
     except (ValueError, PermissionError) as e:
         sys.stderr.write(f"dedupshm: {e}\n")
         return 2
+    except CorruptStoreError as e:                   # incl. IncompatibleStoreError
+        hint = "" if isinstance(e, IncompatibleStoreError) else " (not a dedupshm store?)"
+        sys.stderr.write(f"dedupshm: {e}{hint}\n")
+        return 1
+    except (DedupShmError, OSError) as e:
+        sys.stderr.write(f"dedupshm: {e}\n")
+        return 1
 
 
 if __name__ == "__main__":
