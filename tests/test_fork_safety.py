@@ -106,3 +106,50 @@ def test_pool_maxtasksperchild_imap_unordered_completes(make_store):
             got += 1
             del r
     assert got == n
+
+
+_entered = threading.Event()
+_gate = threading.Event()
+_parent = [None]
+
+
+class _Blocker:
+    """Unpickles slowly in the parent (holding whatever value() holds), at
+    once in a forked child."""
+
+    def __reduce__(self):
+        return (_rebuild_blocker, ())
+
+
+def _rebuild_blocker():
+    if os.getpid() == _parent[0]:
+        _entered.set()
+        _gate.wait(30)
+    return "rebuilt"
+
+
+@pytest.mark.limit(60)
+def test_fork_while_a_thread_unpacks_a_message(make_store):
+    from dedupshm.pool import pack
+    s = make_store(capacity="16MiB")
+    _parent[0] = os.getpid()
+    _entered.clear()
+    _gate.clear()
+    p = pack({"b": _Blocker(), "n": 1}, s)
+    t = threading.Thread(target=p.value, daemon=True)
+    t.start()
+    try:
+        assert _entered.wait(10)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if p.value() == {"b": "rebuilt", "n": 1} else 2
+            finally:
+                os._exit(code)
+        rc = _wait_child(pid, time.monotonic() + 10)
+    finally:
+        _gate.set()
+        t.join(10)
+    assert rc == 0, "the child hung on a lock held at fork" if rc is None else rc
+    assert p.value() == {"b": "rebuilt", "n": 1}

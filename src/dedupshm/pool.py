@@ -44,7 +44,6 @@ import multiprocessing
 import multiprocessing.pool
 import pickle
 import sys
-import threading
 import weakref
 from multiprocessing.reduction import ForkingPickler
 
@@ -153,9 +152,6 @@ class _Packer:
         self._strong.clear()
 
 
-_tls = threading.local()
-
-
 class _Unpickler(pickle.Unpickler):
     def __init__(self, f, writable):
         super().__init__(f)
@@ -177,15 +173,17 @@ class _Unpickler(pickle.Unpickler):
 
 class _Packed:
     """A pickled value whose large buffers are in a store.  ``value()``
-    unpacks it (once: later calls return the same object)."""
+    unpacks it (once: later calls return the same object).  No lock of its
+    own (one held by another thread at fork would stay held in the child):
+    threads racing on the first call may both unpack, the first to finish
+    is kept."""
 
-    __slots__ = ("data", "_value", "_lock")
+    __slots__ = ("data", "_value")
     _UNSET = object()
 
     def __init__(self, data):
         self.data = data
         self._value = self._UNSET
-        self._lock = threading.Lock()
 
     def __reduce__(self):
         return (_Packed, (self.data,))
@@ -194,20 +192,26 @@ class _Packed:
         """The value, not kept here: a worker's argument must be let go of
         as soon as its task is done, before the result goes back (the
         worker loop keeps the message alive until the next task)."""
-        with self._lock:
-            v, self._value = self._value, self._UNSET
-            if v is self._UNSET:
-                v = _Unpickler(io.BytesIO(self.data), writable).load()
-                self.data = None
-        return v
+        data, self.data = self.data, None
+        if data is None:
+            raise ValueError("this message was unpacked already")
+        return _Unpickler(io.BytesIO(data), writable).load()
 
     def value(self, writable=False):
-        if self._value is self._UNSET:
-            with self._lock:
+        v = self._value
+        if v is not self._UNSET:
+            return v
+        data = self.data
+        if data is not None:
+            v = _Unpickler(io.BytesIO(data), writable).load()
+            with _attach.lock():
                 if self._value is self._UNSET:
-                    self._value = _Unpickler(io.BytesIO(self.data), writable).load()
+                    self._value = v
                     self.data = None
-        return self._value
+        v = self._value
+        if v is self._UNSET:
+            raise ValueError("this message was unpacked already")
+        return v
 
 
 def pack(obj, store, min_nbytes=DEFAULT_MIN_NBYTES):
