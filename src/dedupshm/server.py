@@ -79,9 +79,9 @@ def shared_load(store, key, loader, *, timeout=600.0, poll=0.02):
     (polling, at most ``timeout`` seconds) and map it zero-copy.  Lock-free:
     a loader announces itself with a small marker value holding its pid; a
     waiter whose loader died (or raised) loads in its place.  When two
-    processes race, both may load: the first put wins the key, and since
-    equal pages are stored once, memory holds a single copy anyway -- so
-    ``loader`` must be deterministic.  Returns what ``store.get(key)``
+    processes race, both may load and both put (a check-then-put: the last
+    put wins the key); since equal pages are stored once, memory holds a
+    single copy anyway -- so ``loader`` must be deterministic.  Returns what ``store.get(key)``
     returns: numpy arrays read-only over shared memory, bytes as read-only
     memoryviews, other picklable values rebuilt (their large buffers
     zero-copy).  Raises TimeoutError, or what ``loader`` raised."""
@@ -106,7 +106,7 @@ def shared_load(store, key, loader, *, timeout=600.0, poll=0.02):
         time.sleep(poll)
     try:
         value = loader()
-        if key not in store:                    # first put wins
+        if key not in store:                    # not atomic: a racing put may land too
             store.put(value, key=key)
         del value
     finally:
