@@ -216,3 +216,14 @@ def test_random_arrays_round_trip(s, a):
     check_array(s, a)
     if a.dtype.kind not in "OVMm" and a.dtype.fields is None:
         check_memoryview(s, memoryview(np.ascontiguousarray(a)))
+
+
+def test_many_small_buffers_still_round_trip(s, monkeypatch):
+    from dedupshm import serialize
+    value = [np.arange(i % 7 + 1, dtype=np.int32) for i in range(50)]
+    r = s.get(s.put(value))
+    assert [a.tolist() for a in r] == [a.tolist() for a in value]
+    assert not any(a.flags.writeable for a in r)
+    monkeypatch.setattr(serialize, "MAX_PACKED_BUFFERS", 10)     # past it: in-band
+    r = s.get(s.put(value))
+    assert [a.tolist() for a in r] == [a.tolist() for a in value]

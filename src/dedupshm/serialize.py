@@ -134,7 +134,12 @@ def encode(value):
     return _encode_pickle(value)
 
 
-def _encode_pickle(value):
+#: Past this many small buffers in one pickle their table would outgrow the
+#: descriptor: they go in-band (and arrays among them come back as copies).
+MAX_PACKED_BUFFERS = 1_000_000
+
+
+def _encode_pickle(value, pack_small=True):
     bufs = []          # what the store keeps: large buffers, [small pack], [stream]
     where = []         # per pickle buffer, in order: buffer index, offset, length
     small = []         # (position in where, raw) of buffers packed together
@@ -147,6 +152,8 @@ def _encode_pickle(value):
         if n >= OOB_MIN:
             where.extend((len(bufs), 0, n))
             bufs.append(raw)
+        elif not pack_small:
+            return True
         else:
             small_len = (small_len + _ALIGN - 1) // _ALIGN * _ALIGN
             small.append((len(where), small_len, raw))
@@ -158,6 +165,8 @@ def _encode_pickle(value):
         stream = pickle.dumps(value, protocol=5, buffer_callback=oob)
     except Exception as e:  # noqa: BLE001 - any pickling failure is the caller's value
         raise TypeError(f"cannot store {type(value).__name__}: {e}") from e
+    if len(small) > MAX_PACKED_BUFFERS:
+        return _encode_pickle(value, pack_small=False)
     if small:
         pack = bytearray(small_len)
         for pos, off, raw in small:
