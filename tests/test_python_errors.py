@@ -152,3 +152,19 @@ def test_top_quits_on_ctrl_c_when_started_with_sigint_ignored(make_store):
     finally:
         if child.isalive():
             child.terminate(force=True)
+
+
+def test_cli_get_does_not_follow_a_planted_temporary_name(make_store, tmp_path):
+    from dedupshm import cli
+    s = make_store(capacity="64MiB")
+    s["k"] = b"secret value" * 100
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"do not touch")
+    out = tmp_path / "out.bin"
+    # the name the old code wrote through, planted as a symlink
+    (tmp_path / f".out.bin.dedupshm-{os.getpid()}").symlink_to(victim)
+    with open(os.devnull, "w") as null:
+        assert cli.main(["get", s.name, "k", "--out", str(out)], out=null) == 0
+    assert victim.read_bytes() == b"do not touch"
+    assert not out.is_symlink() and out.read_bytes() == b"secret value" * 100
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".dedupshm")] == []

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 
 from ._format import human_bytes  # noqa: F401 - public here too
 from .errors import CorruptStoreError, DedupShmError, IncompatibleStoreError
@@ -293,9 +294,15 @@ def cmd_get(args, out):
             target, tmp = sys.stdout.buffer, None
         else:
             d = os.path.dirname(os.path.abspath(args.out))
-            tmp = os.path.join(d, f".{os.path.basename(args.out)}.dedupshm-{os.getpid()}")
             try:
-                target = open(tmp, "wb")
+                # a fresh name, created exclusively: a predictable one in a
+                # shared directory could be a planted symlink to another file
+                fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(args.out)}.",
+                                           suffix=".dedupshm", dir=d)
+                mask = os.umask(0)
+                os.umask(mask)
+                os.fchmod(fd, 0o666 & ~mask)             # what open() would have made
+                target = os.fdopen(fd, "wb")
             except OSError as e:
                 sys.stderr.write(f"dedupshm: cannot write {args.out}: {e.strerror or e}\n")
                 return 1
