@@ -12,6 +12,7 @@ import warnings
 import weakref
 
 from ._native import merger_wp_mode as wp_mode  # noqa: F401 - public
+from .errors import StoreClosedError
 
 #: ksmd-like defaults; the advisor (target_scan_s, max_cpu) is on by default.
 DEFAULT_SLEEP_MS = 20
@@ -169,6 +170,8 @@ class Merger:
             t0 = time.perf_counter()
             try:
                 info = core.merge_scan(n)
+            except StoreClosedError:
+                return                     # closed under us: nothing left to merge
             except Exception as e:  # noqa: BLE001 - counted, surfaced, re-raised by stop()
                 failures += 1
                 if self._failed(e, failures):
