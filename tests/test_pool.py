@@ -265,3 +265,18 @@ def test_import_dedupshm_never_imports_torch():
     code = ("import sys, dedupshm, dedupshm.pool, dedupshm.sequence, dedupshm.server; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_queue_follows_a_store_created_anew_under_the_same_name(make_store):
+    old = make_store(capacity="64MiB")
+    q_old = Queue(store=old, min_nbytes=MIN, ctx=FORK)         # registers `old` by name
+    old.unlink()                                               # `old` stays open
+    new = make_store(old.name, capacity="64MiB")
+    q = Queue(store=new, min_nbytes=MIN, ctx=FORK)
+    q.put(np.full(1 << 17, 5.0))
+    got = q.get(timeout=10)
+    assert in_store(got, new.name) and got[0] == 5.0
+    del got
+    for x in (q, q_old):
+        x.close()
+        x.join_thread()

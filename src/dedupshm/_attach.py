@@ -108,6 +108,20 @@ def store_id(store):
     return (store.name, store.directory)
 
 
+def _is_current(s):
+    """Whether Store s is attached to the store its name has now (not to
+    one that was unlinked and created anew under the same name)."""
+    from .store import store_paths
+    try:
+        ino = os.stat(store_paths(s.name, s.directory)[0]).st_ino
+    except OSError:
+        return True          # unlinked: the attachment still serves its refs
+    try:
+        return s._c().ino == ino
+    except Exception:  # noqa: BLE001 - closed meanwhile
+        return False
+
+
 def attached_store(name, directory, keep=False):
     """This process's Store object for (name, directory).  Attaching once
     per use would be wasteful; keeping every store attached forever would
@@ -116,7 +130,7 @@ def attached_store(name, directory, keep=False):
     key = (name, directory)
     with _lock:
         s = _stores.get(key)
-        if s is None or s.closed:
+        if s is None or s.closed or not _is_current(s):
             from .store import Store
             s = Store(name, directory=directory)
             _stores[key] = s
@@ -136,7 +150,7 @@ def check_store(store):
     key = store_id(store)
     with _lock:
         cur = _stores.get(key)
-        if cur is None or cur.closed:
+        if cur is None or cur.closed or not _is_current(cur):
             _stores[key] = store
     return store
 
