@@ -332,7 +332,13 @@ int ds_open(const char *index_path, const char *pool_path, int create,
         if (fresh) {
             if (ftruncate(s->index_fd, 0) != 0) { rc = errno; goto fail_unlock; }
             rc = init_store(s, capacity, warm_bytes, transit_ttl, pool_path);
-            if (rc) { if (ftruncate(s->index_fd, 0)) { /* best effort */ } goto fail_unlock; }
+            if (rc) {
+                /* leave nothing behind (we hold LOCK_EX; there was no store) */
+                if (s->ix) { munmap(s->ix, s->ix_len); s->ix = NULL; }
+                unlink(index_path);
+                if (rc != EACCES) unlink(pool_path);   /* a refused pool file is not ours */
+                goto fail_unlock;
+            }
             munmap(s->ix, s->ix_len);
             s->ix = NULL;
             close(s->pool_fd);

@@ -480,3 +480,25 @@ def test_get_racing_close_raises_store_closed(make_store):
     s.close()
     t.join()
     assert not errors, errors
+
+
+def test_failed_create_leaves_no_file(tmp_path):
+    """A create that fails (here: capacity beyond the directory) leaves no file."""
+    name = f"tf{os.getpid()}"
+    with pytest.raises((dedupshm.DedupShmError, ValueError, OSError)):
+        dedupshm.Store(name, create=True, directory=str(tmp_path), capacity=1 << 62)
+    assert os.listdir(tmp_path) == []
+
+
+def test_planted_pool_file_alone_is_refused_and_nothing_is_left(tmp_path):
+    name = f"tq{os.getpid()}"
+    index, pool = store_paths(name, str(tmp_path))
+    with open(pool, "wb") as f:
+        f.write(b"planted")
+    os.chmod(pool, 0o666)
+    with pytest.raises(PermissionError) as e:
+        dedupshm.Store(name, create=True, directory=str(tmp_path), capacity="16MiB")
+    assert e.value.filename == pool
+    assert not os.path.exists(index)                 # the half-made index is gone
+    with open(pool, "rb") as f:
+        assert f.read() == b"planted"                # the planted file is untouched

@@ -2,11 +2,9 @@
 import contextlib
 import os
 import re
-import threading
 import time
-import weakref
 
-from . import serialize
+from . import _attach, serialize
 from ._native import MAX_KEY, Core
 from .errors import StoreClosedError, StoreFullError
 
@@ -76,28 +74,11 @@ def decode_key(b):
     return b[1:].decode("utf-8", "surrogatepass") if b[:1] == b"s" else bytes(b[1:])
 
 
-# One attachment per store per process, shared by Store objects and refs.
-_cores = {}
-_cores_lock = threading.Lock()
-
-
+# One attachment per store per process, shared by Store objects and refs:
+# the attach cache (and every other process-wide registry) is in _attach.
 def _core_for(name, directory, create, capacity, warm_bytes, transit_ttl):
     index, pool = store_paths(name, directory)
-    with _cores_lock:
-        core = _cores.get(index)
-        core = core() if core is not None else None
-        if core is not None:
-            try:
-                if os.stat(index).st_ino == core.ino:
-                    if not os.access(index, os.R_OK | os.W_OK):   # e.g. after setuid
-                        raise PermissionError(13, "store belongs to another user", index)
-                    return core
-            except FileNotFoundError:
-                if not create:
-                    raise FileNotFoundError(2, "no such store", index) from None
-        core = Core(index, pool, create, capacity, warm_bytes, transit_ttl)
-        _cores[index] = weakref.ref(core)
-        return core
+    return _attach.core(index, pool, create, capacity, warm_bytes, transit_ttl)
 
 
 class ObjectRef:
@@ -270,9 +251,11 @@ class Store:
         """Let go of the store in this object (stopping its merger thread).
         Views, ObjectRefs and mergeable memory still alive keep this
         process attached until they are released."""
-        if self._merger is not None:
-            self._merger.stop()
-        self._core = None
+        try:
+            if self._merger is not None:
+                self._merger.stop()
+        finally:
+            self._core = None
 
     @property
     def closed(self):
@@ -356,7 +339,7 @@ class Store:
                 desc, bufs = core.view(0, 0, writable, key=encode_key(ref_or_key))
         except KeyError:
             raise KeyError(ref_or_key) from None
-        return serialize.decode(desc, bufs)
+        return serialize.decode(desc, bufs, writable=writable)
 
     def put_sequence(self, iterable, *, key=None):
         """Store a read-only sequence of picklable objects, serialized once;
