@@ -278,11 +278,30 @@ void ds_page_free_raw(ds_store *s, uint32_t page);
 void ds_page_decref_cold(ds_store *s, uint32_t page);
 int  ds_pmeta_ensure(ds_store *s, uint32_t page);
 /* merger.c */
-void ds_merger_after_fork(ds_store *s);
+void ds_merger_after_fork(ds_store *s);  /* TEMPORARY: goes once refs.c calls the fork hooks */
 void ds_merger_close(ds_store *s);
 /* object.c */
 void ds_object_free(ds_store *s, uint32_t id);
 void ds_object_decref(ds_store *s, uint32_t id);
+/* merger fork hooks (called by refs.c's atfork handlers)
+ * Order.  prepare: ds_wp_atfork_prepare(); then ds_merger_fork_prepare(s)
+ * for every store, BEFORE taking any hdr->lock (the scan holds
+ * merger->mu while it waits for hdr->lock); then, under hdr->lock with
+ * the child's slot allocated, ds_merger_fork_dup(s, child_slot).
+ * parent: ds_merger_fork_parent(s) for every store, then
+ * ds_wp_atfork_parent().  child: ds_wp_atfork_child(), then
+ * ds_merger_fork_child(s) for every store (s->slot may already be the
+ * child's: fork_child does not read it).
+ * ds_merger_fork_dup sets the child slot's merged_pages itself (so the
+ * caller must not clear that slot after calling it); when it fails
+ * (DS_EFULL) it has freed its copies and the fork should fail. */
+void ds_wp_atfork_prepare(void);     /* takes wp.c's global lock */
+void ds_wp_atfork_parent(void);
+void ds_wp_atfork_child(void);       /* busy table cleared, uffd reset, lock usable */
+void ds_merger_fork_prepare(ds_store *s);    /* takes s->merger->mu: no merge window open */
+int  ds_merger_fork_dup(ds_store *s, uint32_t child_slot);
+void ds_merger_fork_parent(ds_store *s);     /* forgets the copies; unlocks mu */
+void ds_merger_fork_child(ds_store *s);      /* adopts the copies; per-process state reset */
 
 /* address helpers */
 #define DS_HDR(s)        ((s)->hdr)
