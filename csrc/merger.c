@@ -26,22 +26,16 @@
  *  5. SMART SCAN: a stable page that found no partner is looked at less
  *     often (every 2^age passes, age <= 5); any change resets its age.
  *
- * Merging a run of pages onto pool pages Q..Q+k: the batch is
- * write-protected (mprotect PROT_READ; the page addresses are published in
- * a process-wide busy table), the bytes are compared again -- a match of
- * fingerprints is only a hint -- and the run is replaced with one
- * mmap(MAP_PRIVATE | MAP_FIXED) of the pool file.  Reads then share the
- * pool page; the first write makes the kernel copy it (copy-on-write), so
- * no other process ever sees the write.  A thread that writes a page of
- * the batch meanwhile takes SIGSEGV; our handler sees the address is busy,
- * waits for the merge to finish and returns, and the write is retried on
- * the new mapping: it is not lost.  Faults outside our pages go to the
- * handler that was installed before ours (pytest's faulthandler, say).
- * Where userfaultfd write-protection is available the batch is protected
- * with it instead, and even writes the kernel makes on our behalf
- * (read(2)/recv(2) into the buffer) wait and complete.  Without it (the
- * mprotect fallback) such a system call that hits a page during its merge
- * window -- tens of microseconds -- fails with EFAULT instead of waiting.
+ * Merging a run of pages onto pool pages Q..Q+k happens in a merge
+ * window (wp.c, which owns the write protection and says how writers
+ * wait): the batch's pages are published busy and write-protected, the
+ * bytes are compared again -- a match of fingerprints is only a hint --
+ * and the run is replaced with one mmap(MAP_PRIVATE | MAP_FIXED) of the
+ * pool file.  Reads then share the pool page; the first write makes the
+ * kernel copy it (copy-on-write), so no other process ever sees the
+ * write, and a write that hit the window waits and lands on the new
+ * mapping.  If the window cannot be opened (mprotect's ENOMEM) the batch
+ * is dropped: nothing is compared or remapped unprotected.
  *
  * References.  Each region has a MERGE chunk in the shared heap listing
  * the pool page each of its pages is mapped onto; each entry holds one
@@ -49,10 +43,27 @@
  * only after pagemap shows the page is no longer mapped (COW), so counts
  * are exact or over, never under.  gc releases a dead process's chunk.
  *
+ * Fork.  A child must inherit neither an open window nor references it
+ * does not own.  refs.c's atfork handlers call ds_merger_fork_prepare
+ * (takes merger->mu: no window is open while it is held), then
+ * ds_merger_fork_dup under hdr->lock (a copy of each MERGE chunk, owned
+ * by the child's slot, one reference per merged page: taken before the
+ * fork, so nothing the child maps can be freed under it), and
+ * ds_merger_fork_parent / ds_merger_fork_child after it (layout.h).
+ * TEMPORARY: until refs.c calls them, merger.c registers a pthread_atfork
+ * of its own below and the child still re-references after the fork
+ * (ds_merger_after_fork).
+ *
+ * Close.  ds_close calls ds_merger_close once no call is in flight.
+ * Regions still alive then (the process may still read them: at exit the
+ * store is closed before the buffers are collected) stay mapped, their
+ * merged pages made private first, then their references are given back.
+ *
  * Locking.  Shared state (pool pages, content index, hint table, MERGE
  * chunks, counters) under hdr->lock.  The process-local region list under
  * merger->mu, which ds_merge_scan holds for its whole call; allocation and
- * release of regions take it too.  Lock order: merger->mu, then hdr->lock.
+ * release of regions take it too.  Lock order: wp.c's global lock (never
+ * taken under merger->mu), then merger->mu, then hdr->lock.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -270,9 +281,10 @@ void ds_merger_close(ds_store *s) {
             if (r->merged[i] == DS_ZERO) { i++; continue; }
             uint32_t j = i + 1;
             while (j < r->npages && r->merged[j] != DS_ZERO) j++;
-            /* a page the caller protected itself cannot be made private:
-             * its reference is given back all the same (see the report
-             * in docs: such a page could later read another's bytes) */
+            /* Known gap: a page the caller made read-only itself cannot
+             * be made private (the advice fails); its reference is given
+             * back all the same, so once the pool page is reused such a
+             * page could read another value's bytes. */
             madvise(r->addr + (uint64_t)i * DS_PAGE_SIZE, (uint64_t)(j - i) * DS_PAGE_SIZE,
                     MADV_POPULATE_WRITE);
             i = j;
