@@ -115,29 +115,31 @@ struct ds_merger {
     struct ds_merger *live_next;   /* TEMPORARY: replaced by refs.c */
 };
 
-static pthread_mutex_t g_create_mu = PTHREAD_MUTEX_INITIALIZER;   /* creating s->merger */
 static void live_add(struct ds_merger *m);     /* TEMPORARY: replaced by refs.c */
 static void live_del(struct ds_merger *m);     /* TEMPORARY: replaced by refs.c */
 
 /* ---- regions ---- */
 
+/* Lock-free (a CAS), so that no lock of ours is needed to create it and
+ * a fork can never find one held. */
 static struct ds_merger *merger_get(ds_store *s) {
     struct ds_merger *m = __atomic_load_n(&s->merger, __ATOMIC_ACQUIRE);
     if (m) return m;
-    pthread_mutex_lock(&g_create_mu);
-    if (!s->merger) {
-        m = calloc(1, sizeof *m);
-        if (m) {
-            pthread_mutex_init(&m->mu, NULL);
-            m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-            m->vma_budget = 16384;
-            m->store = s;
-            live_add(m);
-            __atomic_store_n(&s->merger, m, __ATOMIC_RELEASE);
-        }
+    m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    pthread_mutex_init(&m->mu, NULL);
+    m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    m->vma_budget = 16384;
+    m->store = s;
+    struct ds_merger *none = NULL;
+    if (!__atomic_compare_exchange_n(&s->merger, &none, m, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        if (m->pagemap_fd >= 0) close(m->pagemap_fd);       /* another thread won */
+        pthread_mutex_destroy(&m->mu);
+        free(m);
+        return none;
     }
-    pthread_mutex_unlock(&g_create_mu);
-    return s->merger;
+    live_add(m);
+    return m;
 }
 
 static void region_free_mem(region *r) {
