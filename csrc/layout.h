@@ -278,7 +278,7 @@ void ds_page_free_raw(ds_store *s, uint32_t page);
 void ds_page_decref_cold(ds_store *s, uint32_t page);
 int  ds_pmeta_ensure(ds_store *s, uint32_t page);
 /* merger.c */
-void ds_merger_after_fork(ds_store *s);  /* TEMPORARY: goes once refs.c calls the fork hooks */
+void ds_merger_after_fork(ds_store *s);
 void ds_merger_close(ds_store *s);
 /* object.c */
 void ds_object_free(ds_store *s, uint32_t id);
@@ -292,9 +292,12 @@ void ds_object_decref(ds_store *s, uint32_t id);
  * ds_wp_atfork_parent().  child: ds_wp_atfork_child(), then
  * ds_merger_fork_child(s) for every store (s->slot may already be the
  * child's: fork_child does not read it).
- * ds_merger_fork_dup sets the child slot's merged_pages itself (so the
- * caller must not clear that slot after calling it); when it fails
- * (DS_EFULL) it has freed its copies and the fork should fail. */
+ * Parent and child hooks run after every prepare, also when the fork or
+ * ds_merger_fork_dup failed.  ds_merger_fork_dup sets the child slot's
+ * merged_pages itself (the caller must not clear that slot afterwards);
+ * on DS_EFULL it has freed its copies and the fork should fail.  While a
+ * fork waits in ds_merger_fork_prepare the scan hands mu over between two
+ * batches, so a fork waits for one batch, not a whole ds_merge_scan. */
 void ds_wp_atfork_prepare(void);     /* takes wp.c's global lock */
 void ds_wp_atfork_parent(void);
 void ds_wp_atfork_child(void);       /* busy table cleared, uffd reset, lock usable */

@@ -69,6 +69,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -107,6 +108,7 @@ struct ds_merger {
     uint64_t vmas;           /* mappings our merges created (estimate) */
     int pagemap_fd;
     int fork_locked;         /* mu taken by ds_merger_fork_prepare */
+    int fork_waiting;        /* a fork wants mu: the scan yields it between batches */
     int rereg;               /* child of fork: register the regions with our own userfaultfd */
     uint64_t wp_failures;    /* batches dropped because protecting failed */
     /* this pass's counts, published at the end of each pass */
@@ -306,6 +308,7 @@ void ds_merger_close(ds_store *s) {
 void ds_merger_fork_prepare(ds_store *s) {
     struct ds_merger *m = __atomic_load_n(&s->merger, __ATOMIC_ACQUIRE);
     if (!m) return;
+    __atomic_store_n(&m->fork_waiting, 1, __ATOMIC_RELEASE);
     pthread_mutex_lock(&m->mu);              /* windows open only under mu */
     m->fork_locked = 1;
 }
@@ -353,6 +356,7 @@ void ds_merger_fork_parent(ds_store *s) {
     if (!m || !m->fork_locked) return;
     for (region *r = m->head; r; r = r->next) r->fork_copy = 0;
     m->fork_locked = 0;
+    __atomic_store_n(&m->fork_waiting, 0, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -367,6 +371,7 @@ void ds_merger_fork_child(ds_store *s) {
     m->rereg = 1;                        /* with our own userfaultfd, at the next scan */
     if (m->pagemap_fd >= 0) close(m->pagemap_fd);
     m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    __atomic_store_n(&m->fork_waiting, 0, __ATOMIC_RELEASE);
     if (m->fork_locked) {
         m->fork_locked = 0;
         pthread_mutex_unlock(&m->mu);    /* this thread took it in fork_prepare */
@@ -709,6 +714,14 @@ int ds_merge_scan(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
             m->cur_page += n;
             budget -= n;
             out->visited += n;
+            if (__atomic_load_n(&m->fork_waiting, __ATOMIC_ACQUIRE)) {
+                /* a fork waits for mu: let it have it between two batches
+                 * (no window open), so a fork waits one batch, not a pass */
+                pthread_mutex_unlock(&m->mu);
+                while (__atomic_load_n(&m->fork_waiting, __ATOMIC_ACQUIRE)) sched_yield();
+                pthread_mutex_lock(&m->mu);
+                if (m->cur != r) continue;   /* r released meanwhile: the cursor moved on */
+            }
         }
         if (m->cur_page >= r->npages || !r->chunk) {
             m->cur = r->next;
