@@ -295,7 +295,9 @@ void ds_object_decref(ds_store *s, uint32_t id);
  * Parent and child hooks run after every prepare, also when the fork or
  * ds_merger_fork_dup failed.  ds_merger_fork_dup sets the child slot's
  * merged_pages itself (the caller must not clear that slot afterwards);
- * on DS_EFULL it has freed its copies and the fork should fail.  While a
+ * on DS_EFULL it has freed its copies, and a child that is forked all
+ * the same forgets its merges (its merged pages stay mapped with no
+ * reference of its own: refs.c should make such a fork fail).  While a
  * fork waits in ds_merger_fork_prepare the scan hands mu over between two
  * batches, so a fork waits for one batch, not a whole ds_merge_scan. */
 void ds_wp_atfork_prepare(void);     /* takes wp.c's global lock */

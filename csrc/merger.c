@@ -109,6 +109,7 @@ struct ds_merger {
     int pagemap_fd;
     int fork_locked;         /* mu taken by ds_merger_fork_prepare */
     int fork_waiting;        /* a fork wants mu: the scan yields it between batches */
+    int fork_dup;            /* this fork: 0 no ds_merger_fork_dup call, 1 copies made, -1 it failed */
     int rereg;               /* child of fork: register the regions with our own userfaultfd */
     uint64_t wp_failures;    /* batches dropped because protecting failed */
     /* this pass's counts, published at the end of each pass */
@@ -317,6 +318,7 @@ void ds_merger_fork_prepare(ds_store *s) {
 int ds_merger_fork_dup(ds_store *s, uint32_t child_slot) {
     struct ds_merger *m = s->merger;
     if (!m || !m->fork_locked) return 0;
+    m->fork_dup = -1;
     uint64_t merged = 0;
     for (region *r = m->head; r; r = r->next) {
         r->fork_copy = 0;
@@ -348,6 +350,7 @@ int ds_merger_fork_dup(ds_store *s, uint32_t child_slot) {
         r->fork_copy = id;
     }
     DS_CLIENT(s, child_slot)->merged_pages = merged;
+    m->fork_dup = 1;
     return 0;
 }
 
@@ -355,6 +358,7 @@ void ds_merger_fork_parent(ds_store *s) {
     struct ds_merger *m = s->merger;
     if (!m || !m->fork_locked) return;
     for (region *r = m->head; r; r = r->next) r->fork_copy = 0;
+    m->fork_dup = 0;
     m->fork_locked = 0;
     __atomic_store_n(&m->fork_waiting, 0, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&m->mu);
@@ -364,13 +368,18 @@ void ds_merger_fork_child(ds_store *s) {
     struct ds_merger *m = s->merger;
     if (!m) return;
     for (region *r = m->head; r; r = r->next) {
-        if (r->fork_copy) r->chunk = r->fork_copy;
+        /* the parent's chunk is never ours: adopt our copy, or (the dup
+         * failed: DS_EFULL) forget the merges -- the pages stay mapped
+         * without a reference of ours and the scan skips the region.
+         * No dup at all: the TEMPORARY ds_merger_after_fork re-references. */
+        if (m->fork_dup) r->chunk = r->fork_copy;
         r->fork_copy = 0;
         memset(r->uffd, 0, r->npages);   /* registration stayed with the parent's address space */
     }
     m->rereg = 1;                        /* with our own userfaultfd, at the next scan */
     if (m->pagemap_fd >= 0) close(m->pagemap_fd);
     m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    m->fork_dup = 0;
     __atomic_store_n(&m->fork_waiting, 0, __ATOMIC_RELEASE);
     if (m->fork_locked) {
         m->fork_locked = 0;
