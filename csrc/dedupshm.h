@@ -283,6 +283,7 @@ typedef struct ds_scaninfo {
     uint64_t zeroed;         /* zero pages dropped */
     uint64_t passes;         /* passes completed by this call */
     uint64_t cpu_ns;         /* CPU time of this call */
+    uint64_t wp_failed;      /* batches dropped so far: write protection could not be set */
 } ds_scaninfo;
 
 int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr);

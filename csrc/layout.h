@@ -244,7 +244,8 @@ struct ds_store {
 
     /* refs.c: the references this process holds, one shared HANDLE per
      * object with a local count.  Process-private, under pin_mu.  Lock
-     * order: g_stores_mu (refs.c) -> merger->mu -> pin_mu -> hdr->lock. */
+     * order: g_stores_mu (refs.c) -> wp.c's global lock -> merger->mu ->
+     * pin_mu -> hdr->lock. */
     pthread_mutex_t pin_mu;
     struct ds_pin *pins;     /* open addressing by object id */
     uint32_t pin_cap, pin_count;
@@ -314,14 +315,6 @@ void ds_page_decref_cold(ds_store *s, uint32_t page);
 int  ds_pmeta_ensure(ds_store *s, uint32_t page);
 /* merger.c */
 void ds_merger_close(ds_store *s);
-/* merger fork hooks (called by refs.c's atfork handlers) */
-void ds_wp_atfork_prepare(void);
-void ds_wp_atfork_parent(void);
-void ds_wp_atfork_child(void);
-void ds_merger_fork_prepare(ds_store *s);
-int  ds_merger_fork_dup(ds_store *s, uint32_t child_slot);
-void ds_merger_fork_parent(ds_store *s);
-void ds_merger_fork_child(ds_store *s);
 /* refs.c */
 void ds_refs_add(ds_store *s);
 /* object.c, check.c: bodies of public calls whose guard (ds_enter/ds_leave)
@@ -333,6 +326,10 @@ int ds_delete_obj_in(ds_store *s, uint32_t obj, uint64_t gen);
 int ds_count_in(ds_store *s, uint64_t *n);
 int ds_keys_in(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed);
 int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out);
+int ds_mergeable_alloc_in(ds_store *s, uint64_t nbytes, uint8_t **addr);
+int ds_mergeable_free_in(ds_store *s, uint8_t *addr);
+int ds_merge_scan_in(ds_store *s, uint64_t max_pages, ds_scaninfo *out);
+int ds_merger_config_in(ds_store *s, uint32_t vma_budget);
 /* object.c: handle-level operations, wrapped by refs.c (which owns the
  * process's reference table); see dedupshm.h for the cell-level API. */
 void ds_object_free(ds_store *s, uint32_t id);
@@ -383,6 +380,30 @@ uint64_t ds_chunk_next(ds_store *s, uint64_t id);
 /* heap.c: fallocate that retries on EINTR (a signal must not fail a
  * reservation or leave a punch undone).  Any caller, no lock needed. */
 int  ds_fallocate(int fd, int mode, uint64_t off, uint64_t len);
+/* merger fork hooks (called by refs.c's atfork handlers)
+ * Order.  prepare: ds_wp_atfork_prepare(); then ds_merger_fork_prepare(s)
+ * for every store, BEFORE taking any hdr->lock (the scan holds
+ * merger->mu while it waits for hdr->lock); then, under hdr->lock with
+ * the child's slot allocated, ds_merger_fork_dup(s, child_slot).
+ * parent: ds_merger_fork_parent(s) for every store, then
+ * ds_wp_atfork_parent().  child: ds_wp_atfork_child(), then
+ * ds_merger_fork_child(s) for every store (s->slot may already be the
+ * child's: fork_child does not read it).
+ * Parent and child hooks run after every prepare, also when the fork or
+ * ds_merger_fork_dup failed.  ds_merger_fork_dup sets the child slot's
+ * merged_pages itself (the caller must not clear that slot afterwards);
+ * on DS_EFULL it has freed its copies, and a child that is forked all
+ * the same forgets its merges (its merged pages stay mapped with no
+ * reference of its own: refs.c should make such a fork fail).  While a
+ * fork waits in ds_merger_fork_prepare the scan hands mu over between two
+ * batches, so a fork waits for one batch, not a whole ds_merge_scan. */
+void ds_wp_atfork_prepare(void);     /* takes wp.c's global lock */
+void ds_wp_atfork_parent(void);
+void ds_wp_atfork_child(void);       /* busy table cleared, uffd reset, lock usable */
+void ds_merger_fork_prepare(ds_store *s);    /* takes s->merger->mu: no merge window open */
+int  ds_merger_fork_dup(ds_store *s, uint32_t child_slot);
+void ds_merger_fork_parent(ds_store *s);     /* forgets the copies; unlocks mu */
+void ds_merger_fork_child(ds_store *s);      /* adopts the copies; per-process state reset */
 
 /* address helpers */
 #define DS_HDR(s)        ((s)->hdr)

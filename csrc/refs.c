@@ -39,7 +39,8 @@
  * (their buffers are private memory: fork copied them).  A handle that could not get a
  * slot is an orphan in the child: every call fails, releases do nothing.
  *
- * Lock order: g_stores_mu -> merger->mu -> pin_mu -> hdr->lock.
+ * Lock order: g_stores_mu -> wp.c's global lock -> merger->mu -> pin_mu
+ * -> hdr->lock.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -313,6 +314,35 @@ int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
     GUARDED(ds_check_in(s, buf, buflen, out));
 }
 
+int ds_merge_scan(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
+    GUARDED(ds_merge_scan_in(s, max_pages, out));
+}
+int ds_merger_config(ds_store *s, uint32_t vma_budget) {
+    GUARDED(ds_merger_config_in(s, vma_budget));
+}
+
+/* A mergeable region counts as a cell: the handle outlives it (its free
+ * after ds_close must find the handle, and the pages it maps stay ours). */
+int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
+    int rc = ds_enter(s);
+    if (rc) return rc;
+    rc = ds_mergeable_alloc_in(s, nbytes, addr);
+    if (rc == 0) ref_get(s);
+    ds_leave(s);
+    return rc;
+}
+
+int ds_mergeable_free(ds_store *s, uint8_t *addr) {
+    __atomic_add_fetch(&s->inflight, 1, __ATOMIC_SEQ_CST);
+    /* closed: ds_merger_close already made the region private and gave
+     * its references back; the mapping stays until the process exits */
+    int gone = __atomic_load_n(&s->closed, __ATOMIC_SEQ_CST) || s->orphan;
+    int rc = gone ? 0 : ds_mergeable_free_in(s, addr);
+    ds_leave(s);
+    if (rc == 0) ref_put(s);
+    return rc;
+}
+
 /* ---- view cells ---- */
 
 /* Pin (obj, gen) and map it into *vi.  Entered. */
@@ -567,6 +597,7 @@ fail_fd:
 
 static void atfork_prepare(void) {
     pthread_mutex_lock(&g_stores_mu);
+    ds_wp_atfork_prepare();
     for (ds_store *s = g_stores; s; s = s->next_store) {
         s->fork_slot = DS_NIL;
         s->fork_fd = -2;             /* -2: not prepared (the child gets an orphan) */
@@ -575,11 +606,9 @@ static void atfork_prepare(void) {
         pthread_mutex_lock(&s->pin_mu);
         reserve_child(s);
     }
-    ds_wp_atfork_prepare();
 }
 
 static void atfork_parent(void) {
-    ds_wp_atfork_parent();
     for (ds_store *s = g_stores; s; s = s->next_store) {
         if (s->fork_fd == -2) continue;
         if (s->fork_fd >= 0) close(s->fork_fd);   /* the slot now lives with the child */
@@ -588,6 +617,7 @@ static void atfork_parent(void) {
         pthread_mutex_unlock(&s->pin_mu);
         ds_merger_fork_parent(s);
     }
+    ds_wp_atfork_parent();
     pthread_mutex_unlock(&g_stores_mu);
 }
 
@@ -641,12 +671,3 @@ static void atfork_child(void) {
     }
     pthread_mutex_unlock(&g_stores_mu);
 }
-
-/* TEMPORARY until the merger's fork hooks land (merger.c/wp.c). */
-__attribute__((weak)) void ds_wp_atfork_prepare(void) {}
-__attribute__((weak)) void ds_wp_atfork_parent(void) {}
-__attribute__((weak)) void ds_wp_atfork_child(void) {}
-__attribute__((weak)) void ds_merger_fork_prepare(ds_store *s) { (void)s; }
-__attribute__((weak)) int ds_merger_fork_dup(ds_store *s, uint32_t slot) { (void)s; (void)slot; return 0; }
-__attribute__((weak)) void ds_merger_fork_parent(ds_store *s) { (void)s; }
-__attribute__((weak)) void ds_merger_fork_child(ds_store *s) { (void)s; }
