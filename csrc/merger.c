@@ -12,7 +12,10 @@
  *     wrote it; then the pool page's reference is released.
  *  2. Pages never written (not present) cost nothing and are skipped.
  *     Other pages are fingerprinted (salted, hash.c).  All-zero pages are
- *     dropped (MADV_DONTNEED): they read as zeros and cost no memory.
+ *     dropped, inside a write-protection window: MADV_DONTNEED, or, for a
+ *     page that was merged once (its mapping is the pool file's, and
+ *     DONTNEED would bring the pool page back), a fresh anonymous page.
+ *     Either reads as zeros and costs no memory.
  *  3. The STABLE table is the store's content index of pool pages (the
  *     same one puts use): a page whose bytes equal a pool page merges on
  *     first sight.
@@ -92,6 +95,9 @@ typedef struct region {
     uint32_t *merged;        /* pool page we are mapped onto, DS_ZERO if none */
     uint8_t *age;            /* smart scan back-off */
     uint8_t *uffd;           /* page's mapping is registered for userfaultfd WP */
+    uint8_t *filemap;        /* page's mapping is (still) a MAP_PRIVATE of the pool file:
+                              * it was merged once; dropping its copy would bring the
+                              * pool page back, so a zero page is remapped anonymous */
     struct region *next;
 } region;
 
@@ -136,7 +142,7 @@ static struct ds_merger *merger_get(ds_store *s) {
 }
 
 static void region_free_mem(region *r) {
-    free(r->lastfp); free(r->merged); free(r->age); free(r->uffd); free(r);
+    free(r->lastfp); free(r->merged); free(r->age); free(r->uffd); free(r->filemap); free(r);
 }
 
 int ds_mergeable_alloc_in(ds_store *s, uint64_t nbytes, uint8_t **addr) {
@@ -155,9 +161,10 @@ int ds_mergeable_alloc_in(ds_store *s, uint64_t nbytes, uint8_t **addr) {
     r->merged = malloc(4ull * n);
     r->age = calloc(n, 1);
     r->uffd = calloc(n, 1);
+    r->filemap = calloc(n, 1);
     void *va = mmap(NULL, n64 * DS_PAGE_SIZE, PROT_READ | PROT_WRITE,
                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (!r->lastfp || !r->merged || !r->age || !r->uffd || va == MAP_FAILED) {
+    if (!r->lastfp || !r->merged || !r->age || !r->uffd || !r->filemap || va == MAP_FAILED) {
         rc = va == MAP_FAILED ? errno : ENOMEM;
         goto fail;
     }
@@ -539,8 +546,23 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
         } else if (act[i] == A_PROMOTE && reserved) {
             ds_copy_page(DS_POOL_RW(s, target[i]), pg);
             ok[i] = 1;
-        } else if (act[i] == A_ZERO) {
-            if (ds_page_is_zero(pg) && madvise(pg, DS_PAGE_SIZE, MADV_DONTNEED) == 0) st->zeroed++;
+        } else if (act[i] == A_ZERO && ds_page_is_zero(pg)) {
+            uint32_t p = first + i;
+            if (!r->filemap[p]) {
+                if (madvise(pg, DS_PAGE_SIZE, MADV_DONTNEED) == 0) st->zeroed++;
+            } else if (mmap(pg, DS_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
+                /* once merged, the mapping is the pool file's: DONTNEED
+                 * would bring back the (since released) pool page instead
+                 * of the zeros just written.  A fresh anonymous page reads
+                 * zeros and costs nothing until written. */
+                madvise(pg, DS_PAGE_SIZE, MADV_NOHUGEPAGE);
+                r->filemap[p] = 0;
+                r->uffd[p] = (uint8_t)ds_wp_uffd_register(pg, DS_PAGE_SIZE);
+                sel[i] = 0;                  /* a fresh writable mapping now */
+                m->vmas += 2;
+                st->zeroed++;
+            }
         }
     }
     ds_copy_done();
@@ -584,6 +606,7 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
             for (uint32_t k = i; k < j; k++) {
                 sel[k] = 0;                  /* a fresh writable mapping now */
                 r->uffd[first + k] = reg;
+                r->filemap[first + k] = 1;
             }
         }
         i = j;
