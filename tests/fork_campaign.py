@@ -112,6 +112,7 @@ class Shared:
         self.ops = {}
         self.lock = threading.Lock()
         self.seed = seed
+        self.held = []                 # the workers' lists of (key or ref, vseed, size)
         # the templates live in the store too, so mergeable pages that hold
         # one merge onto its pool page at first sight
         s.put(np.concatenate(TEMPLATE_PAGES), key="templates")
@@ -150,6 +151,7 @@ def loop(sh, who, body):
 def worker_body(sh, wid):
     s = sh.s
     mine = []                          # keys and refs of this thread
+    sh.held.append(mine)
 
     def body(rng):
         op = rng.random()
@@ -304,6 +306,14 @@ def child_main(sh, views, rd, wr, vwr, name, rng):
     import dedupshm
     report = {"bad": [], "phase": "start"}
     code = 0
+
+    def phase(p):
+        report["phase"] = p
+        try:
+            os.write(wr, f"phase {p}\n".encode())
+        except OSError:
+            pass
+
     try:
         expect = [(label, v, expected_digest(vseed, size)) for label, v, vseed, size in views]
 
@@ -312,7 +322,7 @@ def child_main(sh, views, rd, wr, vwr, name, rng):
                 if digest(v) != d and f"{label} ({phase})" not in report["bad"]:
                     report["bad"].append(f"{label} ({phase})")
 
-        report["phase"] = "verify-inherited"
+        phase("verify-inherited")
         verify("at fork")
         try:
             os.write(vwr, b"V")        # the parent may wait for this before letting go
@@ -329,13 +339,13 @@ def child_main(sh, views, rd, wr, vwr, name, rng):
                 break
         time.sleep(0.002)
         verify("after parent's reuse")
-        report["phase"] = "drop-views"
+        phase("drop-views")
         del expect
         views.clear()
         gc.collect()
         # inherited mergeable memory: the pages whose template is known must
         # read right, and every page must take a write
-        report["phase"] = "mergeable"
+        phase("mergeable")
         m, shadow = sh.m, sh.shadow
         for i in range(MERGE_PAGES):
             t = shadow[i]
@@ -346,9 +356,9 @@ def child_main(sh, views, rd, wr, vwr, name, rng):
             m[i, :] = TEMPLATE_PAGES[t]
             if not np.array_equal(m[i], TEMPLATE_PAGES[t]):
                 report["bad"].append(f"mergeable page {i} (child's write)")
-        report["phase"] = "attach"
+        phase("attach")
         s2 = dedupshm.Store(name)
-        report["phase"] = "put-get"
+        phase("put-get")
         for size in (rng.choice(SMALL_SIZES), rng.choice(LARGE_SIZES)):
             vseed = rng.randrange(1 << 30)
             key = f"c{os.getpid()}-{vseed}-{size}"
@@ -356,14 +366,14 @@ def child_main(sh, views, rd, wr, vwr, name, rng):
             if digest(s2[key]) != expected_digest(vseed, size):
                 report["bad"].append(f"child's own put size={size}")
             del s2[key]
-        report["phase"] = "store-b"
+        phase("store-b")
         b = dedupshm.Store(sh.name_b)
         r = b.put(b"x" * 100)
         b.delete(r)
         del r
         b.close()
         s2.close()
-        report["phase"] = "exit"
+        phase("exit")
         if report["bad"]:
             code = 3
     except BaseException as e:        # noqa: BLE001 - reported to the parent
@@ -384,6 +394,7 @@ def reap(pid, deadline):
         if got == pid:
             return status, False
         if time.monotonic() > deadline:
+            reap.last_state = proc_state(pid)
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
             return status, True
@@ -403,10 +414,25 @@ def read_report(fd):
     text = b"".join(chunks).decode(errors="replace").strip()
     if not text:
         return None
+    lines = text.splitlines()
+    if lines[-1].startswith("phase "):
+        return {"phase": lines[-1][6:]}          # it got no further
     try:
-        return json.loads(text.splitlines()[-1])
+        return json.loads(lines[-1])
     except ValueError:
-        return {"error": f"unreadable report {text[:200]!r}"}
+        return {"error": f"unreadable report {text[-200:]!r}"}
+
+
+def proc_state(pid):
+    """'state wchan' of a process, e.g. 'R 0' (spinning) or 'S futex_wait...'."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read().strip() or "0"
+        return f"{state} {wchan}"
+    except OSError:
+        return "?"
 
 
 # ---------------------------------------------------------------- one mode, in this process
@@ -427,9 +453,14 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
     res = {"mode": dedupshm.merger.wp_mode(), "forks": 0, "ok": 0, "hangs": 0,
            "wrong_bytes": 0, "bad_views": 0, "crashes": 0, "child_errors": 0, "waited_for_child": 0,
            "children_bad_views": 0, "children_bad_mergeable": 0, "bad_mergeable_pages": 0,
-           "examples": []}
+           "examples": {}}
     hang_phases = {}
     t0 = time.monotonic()
+
+    def example(kind, msg):
+        ex = res["examples"].setdefault(kind, [])
+        if len(ex) < 4:
+            ex.append(msg)
     sh = Shared(s, name_b, seed)
     threads = [threading.Thread(target=loop, args=(sh, f"worker{w}", worker_body(sh, w)), daemon=True)
                for w in range(workers)]
@@ -495,13 +526,13 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
             os.close(rrd)
             if hung:
                 res["hangs"] += 1
-                ph = (rep or {}).get("phase", "?") if rep else "no report"
+                ph = (rep or {}).get("phase", "?") if rep else "before its first check"
                 hang_phases[ph] = hang_phases.get(ph, 0) + 1
+                example("hang", f"fork {i}: hung in phase {ph} "
+                                f"(state {getattr(reap, 'last_state', '?')})")
             elif os.WIFSIGNALED(status):
                 res["crashes"] += 1
-                ex = f"fork {i}: child killed by signal {os.WTERMSIG(status)}"
-                if len(res["examples"]) < 12:
-                    res["examples"].append(ex)
+                example("crash", f"fork {i}: child killed by signal {os.WTERMSIG(status)}")
             else:
                 code = os.WEXITSTATUS(status)
                 if code == 0:
@@ -514,12 +545,14 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
                     res["bad_mergeable_pages"] += nm
                     res["children_bad_views"] += len(bad) > nm
                     res["children_bad_mergeable"] += nm > 0
-                    if len(res["examples"]) < 12:
-                        res["examples"].append(f"fork {i}: wrong bytes in {bad[:4]}")
+                    views = [b for b in bad if not b.startswith("mergeable")]
+                    if views:
+                        example("wrong held views", f"fork {i}: {views[:4]}")
+                    if nm:
+                        example("wrong mergeable pages", f"fork {i}: {bad[-1]} and {nm - 1} more")
                 else:
                     res["child_errors"] += 1
-                    if len(res["examples"]) < 12:
-                        res["examples"].append(f"fork {i}: exit {code}: {(rep or {}).get('error')}")
+                    example("child error", f"fork {i}: exit {code}: {(rep or {}).get('error')}")
             if verbose and (i + 1) % 20 == 0:
                 print(f"[{res['mode']}] {i + 1}/{forks} forks: ok {res['ok']} hangs {res['hangs']} "
                       f"wrong {res['wrong_bytes']} crashes {res['crashes']} "
@@ -536,7 +569,14 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
     res["parent_examples"] = sh.wrong[:6] + sh.errors[:6]
     res["ops"] = dict(sh.ops)
     # the end: everything deleted -> nothing left; gc and check clean
-    del sh
+    for mine in sh.held:
+        for h, _, _ in mine:
+            try:
+                s.delete(h)
+            except KeyError:
+                pass
+        mine.clear()
+    del sh, threads
     for k in s.keys():
         try:
             del s[k]
@@ -553,6 +593,8 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
         time.sleep(0.1)
     rep = s.check()
     res["objects_left"] = left
+    if left:
+        res["keys_left"] = s.keys()[:10]
     res["check_errors"] = list(rep.errors)[:10]
     res["seconds"] = round(time.monotonic() - t0, 1)
     s.unlink()
@@ -624,8 +666,12 @@ def summary(r):
     extra = []
     if r.get("hang_phases"):
         extra.append(f"  hangs by child phase: {r['hang_phases']}")
-    for e in r.get("examples", [])[:6] + r.get("parent_examples", [])[:6] + r.get("check_errors", [])[:3]:
-        extra.append(f"  {e}")
+    for kind, ex in r.get("examples", {}).items():
+        extra += [f"  {kind}: {e}" for e in ex]
+    extra += [f"  parent: {e}" for e in sorted(set(r.get("parent_examples", [])))[:6]]
+    extra += [f"  check: {e}" for e in r.get("check_errors", [])[:3]]
+    if r.get("keys_left"):
+        extra.append(f"  keys left: {r['keys_left']}")
     return "\n".join([line] + extra)
 
 
