@@ -45,7 +45,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 import warnings
 
 import numpy as np
@@ -53,7 +52,7 @@ import numpy as np
 PAGE = 4096
 SMALL_SIZES = [40, 333, 1000, 1900]                   # small-value path (< 2 KiB)
 LARGE_SIZES = [2500, 3 * PAGE + 5, 64 * 1024, 1 << 20, 3 << 20]
-MERGE_PAGES = 96                                      # mergeable memory per process
+MERGE_PAGES = 1024                                     # mergeable memory per process (4 MiB)
 TEMPLATES = 6                                         # distinct page contents written there
 HOLD_DEADLINE = 5.0                                   # default child deadline (s)
 
@@ -103,7 +102,7 @@ TEMPLATE_PAGES = [template_page(t) for t in range(TEMPLATES)]
 class Shared:
     """State of one campaign process (the parent); the children inherit it."""
 
-    def __init__(self, s, name_b, seed):
+    def __init__(self, s, name_b, seed, zero_writes=True):
         self.s = s
         self.name_b = name_b
         self.stop = threading.Event()
@@ -112,13 +111,21 @@ class Shared:
         self.ops = {}
         self.lock = threading.Lock()
         self.seed = seed
+        # template 0 is the zero page: writing zeros over a merged page is
+        # a case of its own (--no-zero-writes leaves it out)
+        self.first_template = 0 if zero_writes else 1
         self.held = []                 # the workers' lists of (key or ref, vseed, size)
+        self.in_scan = False           # the merger thread is inside scan()
         # the templates live in the store too, so mergeable pages that hold
         # one merge onto its pool page at first sight
         s.put(np.concatenate(TEMPLATE_PAGES), key="templates")
         self.m = s.mergeable_array(MERGE_PAGES * PAGE, np.uint8).reshape(MERGE_PAGES, PAGE)
         # shadow[i] = template written to mergeable page i (-1 while being written)
         self.shadow = np.zeros(MERGE_PAGES, np.int64)
+        if not zero_writes:
+            for i in range(MERGE_PAGES):
+                self.m[i, :] = TEMPLATE_PAGES[1]
+                self.shadow[i] = 1
 
     def count(self, what, n=1):
         with self.lock:
@@ -198,9 +205,9 @@ def writer_body(sh):
     m, shadow = sh.m, sh.shadow
 
     def body(rng):
-        for _ in range(8):
+        for _ in range(32):
             i = rng.randrange(MERGE_PAGES)
-            t = rng.randrange(TEMPLATES)
+            t = rng.randrange(sh.first_template, TEMPLATES)
             shadow[i] = -1
             m[i, :] = TEMPLATE_PAGES[t]
             if not np.array_equal(m[i], TEMPLATE_PAGES[t]):
@@ -210,7 +217,7 @@ def writer_body(sh):
             t = shadow[i]
             if t >= 0 and not np.array_equal(m[i], TEMPLATE_PAGES[t]):
                 sh.bad(f"mergeable page {i}: holds wrong bytes (template {t} expected)")
-        sh.count("mergeable_writes", 8)
+        sh.count("mergeable_writes", 32)
         time.sleep(rng.random() * 0.002)
 
     return body
@@ -220,7 +227,12 @@ def merger_body(sh):
     s = sh.s
 
     def body(rng):
-        sh.count("merged_pages", s.merger.scan())
+        sh.in_scan = True
+        try:
+            merged = s.merger.scan()
+        finally:
+            sh.in_scan = False
+        sh.count("merged_pages", merged)
         sh.count("merge_scans")
         time.sleep(rng.random() * 0.003)
 
@@ -340,7 +352,7 @@ def child_main(sh, views, rd, wr, vwr, name, rng):
         time.sleep(0.002)
         verify("after parent's reuse")
         phase("drop-views")
-        del expect
+        expect.clear()
         views.clear()
         gc.collect()
         # inherited mergeable memory: the pages whose template is known must
@@ -352,7 +364,7 @@ def child_main(sh, views, rd, wr, vwr, name, rng):
             if t >= 0 and not np.array_equal(m[i], TEMPLATE_PAGES[t]):
                 report["bad"].append(f"mergeable page {i} (inherited)")
         for i in range(MERGE_PAGES):
-            t = rng.randrange(TEMPLATES)
+            t = rng.randrange(sh.first_template, TEMPLATES)
             m[i, :] = TEMPLATE_PAGES[t]
             if not np.array_equal(m[i], TEMPLATE_PAGES[t]):
                 report["bad"].append(f"mergeable page {i} (child's write)")
@@ -437,7 +449,8 @@ def proc_state(pid):
 
 # ---------------------------------------------------------------- one mode, in this process
 
-def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, control=False):
+def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, control=False,
+             zero_writes=True):
     """Run the campaign in this process (its write-protection mode is this
     process's: set DEDUPSHM_NO_UFFD before the first merge for mprotect).
 
@@ -453,6 +466,7 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
     res = {"mode": dedupshm.merger.wp_mode(), "forks": 0, "ok": 0, "hangs": 0,
            "wrong_bytes": 0, "bad_views": 0, "crashes": 0, "child_errors": 0, "waited_for_child": 0,
            "children_bad_views": 0, "children_bad_mergeable": 0, "bad_mergeable_pages": 0,
+           "forks_in_scan": 0,
            "examples": {}}
     hang_phases = {}
     t0 = time.monotonic()
@@ -461,7 +475,7 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
         ex = res["examples"].setdefault(kind, [])
         if len(ex) < 4:
             ex.append(msg)
-    sh = Shared(s, name_b, seed)
+    sh = Shared(s, name_b, seed, zero_writes)
     threads = [threading.Thread(target=loop, args=(sh, f"worker{w}", worker_body(sh, w)), daemon=True)
                for w in range(workers)]
     threads += [threading.Thread(target=loop, args=(sh, n, f(sh)), daemon=True)
@@ -471,11 +485,25 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
         t.start()
     try:
         for i in range(forks):
-            views, handles = take_views(sh, rng, i)
+            try:
+                views, handles = take_views(sh, rng, i)
+            except Exception as e:     # noqa: BLE001 - counted; fork anyway with none
+                sh.error("main: take_views", e)
+                views, handles = [], []
             rd, wr = os.pipe()              # parent -> child: "R" = reused
             rrd, rwr = os.pipe()            # child -> parent: JSON report
             vrd, vwr = os.pipe()            # child -> parent: "V" = checked at fork
-            time.sleep(rng.random() * 0.004)     # a random instant of the threads' work
+            if rng.random() < 0.5:
+                time.sleep(rng.random() * 0.004)     # a random instant of the threads' work
+            else:
+                # an instant inside a merge scan (where pages are write-protected)
+                end = time.monotonic() + 0.05
+                while not sh.in_scan and time.monotonic() < end:
+                    time.sleep(0)              # let the merger thread have the GIL
+                end = time.perf_counter() + rng.random() * 0.0003
+                while time.perf_counter() < end:
+                    pass
+                res["forks_in_scan"] += sh.in_scan
             child_rng = random.Random(rng.randrange(1 << 30))
             pid = os.fork()
             if pid == 0:
@@ -615,7 +643,7 @@ def clean(res):
 # ---------------------------------------------------------------- one mode, in a subprocess
 
 def run_mode(mode, forks, seed=0, deadline=HOLD_DEADLINE, timeout=None, verbose=False,
-             control=False):
+             control=False, zero_writes=True):
     """Run one mode ("uffd" or "mprotect") in a subprocess; returns its result
     dict.  A campaign process that does not finish within timeout is killed
     and reported (campaign_hang)."""
@@ -631,6 +659,8 @@ def run_mode(mode, forks, seed=0, deadline=HOLD_DEADLINE, timeout=None, verbose=
         cmd.append("--verbose")
     if control:
         cmd.append("--control")
+    if not zero_writes:
+        cmd.append("--no-zero-writes")
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,
                          text=True, start_new_session=True)
     try:
@@ -686,16 +716,20 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true", help="progress on stderr")
     ap.add_argument("--control", action="store_true",
                     help="control run: the parent keeps what the child inherited until the child exits")
+    ap.add_argument("--no-zero-writes", dest="zero_writes", action="store_false",
+                    help="never write zero pages over mergeable memory (isolates that case)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.forks <= 0:
         ap.error("--forks must be positive")
     if a.inner:
-        r = run_here(a.forks, a.seed, a.deadline, verbose=a.verbose, control=a.control)
+        r = run_here(a.forks, a.seed, a.deadline, verbose=a.verbose, control=a.control,
+                     zero_writes=a.zero_writes)
         print(json.dumps(r), flush=True)
         return 0 if r["clean"] else 1
     modes = ["uffd", "mprotect"] if a.mode == "both" else [a.mode]
-    results = {m: run_mode(m, a.forks, a.seed, a.deadline, verbose=a.verbose, control=a.control)
+    results = {m: run_mode(m, a.forks, a.seed, a.deadline, verbose=a.verbose, control=a.control,
+                           zero_writes=a.zero_writes)
                for m in modes}
     if a.json:
         print(json.dumps(results, indent=1))
