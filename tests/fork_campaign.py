@@ -329,10 +329,10 @@ def child_main(sh, views, rd, wr, vwr, name, rng):
     try:
         expect = [(label, v, expected_digest(vseed, size)) for label, v, vseed, size in views]
 
-        def verify(phase):
+        def verify(when):
             for label, v, d in expect:
-                if digest(v) != d and f"{label} ({phase})" not in report["bad"]:
-                    report["bad"].append(f"{label} ({phase})")
+                if digest(v) != d and f"{label} ({when})" not in report["bad"]:
+                    report["bad"].append(f"{label} ({when})")
 
         phase("verify-inherited")
         verify("at fork")

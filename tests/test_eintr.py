@@ -187,9 +187,14 @@ def _create(s, arr):
 
 
 @pytest.mark.limit(300)
-def test_operations_survive_a_1khz_signal(store_name):
+@pytest.mark.parametrize("wp", ["default", "mprotect"])
+def test_operations_survive_a_1khz_signal(store_name, wp):
+    env = dict(os.environ)
+    env.pop("DEDUPSHM_NO_UFFD", None)
+    if wp == "mprotect":
+        env["DEDUPSHM_NO_UFFD"] = "1"       # the merger's fallback write-protection
     p = subprocess.run([sys.executable, os.path.join(HERE, "test_eintr.py"), store_name],
-                       capture_output=True, text=True, timeout=240)
+                       capture_output=True, text=True, timeout=240, env=env)
     out = p.stdout + p.stderr
     # the subprocess unlinks its store; make sure nothing is left if it died
     for n in (store_name, f"{store_name}-2"):
