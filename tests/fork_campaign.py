@@ -556,8 +556,7 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
                 res["hangs"] += 1
                 ph = (rep or {}).get("phase", "?") if rep else "before its first check"
                 hang_phases[ph] = hang_phases.get(ph, 0) + 1
-                example("hang", f"fork {i}: hung in phase {ph} "
-                                f"(state {getattr(reap, 'last_state', '?')})")
+                example(f"hang in {ph}", f"fork {i}: state {getattr(reap, 'last_state', '?')}")
             elif os.WIFSIGNALED(status):
                 res["crashes"] += 1
                 example("crash", f"fork {i}: child killed by signal {os.WTERMSIG(status)}")
