@@ -9,7 +9,8 @@
 - ``store``: one fresh store from that factory.
 - ``procs``: registry of child processes; any still alive at teardown is
   SIGKILLed (so a failing test never leaves children behind).
-- ``shmem``: /proc/meminfo Shmem reader.
+- memory is measured on the store's own files (helpers.store_bytes), never
+  on the machine-wide /proc/meminfo Shmem, which anything else running moves.
 - a per-test hang guard (SIGALRM for the test body, faulthandler as a last
   resort), because a lock bug must fail a test, not hang the suite.
 - a session-end check that no ``dedupshm.t*`` file leaked into /dev/shm.
@@ -237,11 +238,6 @@ def procs():
     reg = Procs()
     yield reg
     reg.kill_all()
-
-
-@pytest.fixture
-def shmem():
-    return helpers.shmem_bytes
 
 
 @pytest.fixture

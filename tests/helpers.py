@@ -46,6 +46,9 @@ def _foreign_tmpfs_bytes(own_prefix):
 def shmem_bytes():
     """/proc/meminfo Shmem, less what other people's files in /dev/shm hold.
 
+    Machine-wide, so still moved by anonymous shared memory of anything else
+    running: tests measure store_bytes() (the store's own files) instead.
+
     The machine is shared (benchmarks and other test runs create and drop
     stores of hundreds of MiB at any moment); subtracting the tmpfs blocks
     of every file in /dev/shm that is not one of this run's stores
