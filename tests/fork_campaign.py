@@ -535,6 +535,7 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
                         s.delete(h)
                     except KeyError:
                         pass
+                h = None                   # the loop variable held the last ref
                 sizes = [size for _, _, _, size in views]
                 del views, handles
                 gc.collect()
@@ -603,6 +604,7 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
             except KeyError:
                 pass
         mine.clear()
+    h = mine = None                    # loop variables hold refs too
     del sh, threads
     for k in s.keys():
         try:
@@ -622,6 +624,11 @@ def run_here(forks, seed=0, deadline=HOLD_DEADLINE, workers=2, verbose=False, co
     res["objects_left"] = left
     if left:
         res["keys_left"] = s.keys()[:10]
+        st = s.stats()
+        res["stats_left"] = {k: st[k] for k in ("objects", "physical_bytes", "logical_bytes")
+                             if k in st}
+        res["clients_left"] = [{k: c.get(k) for k in ("pid", "handles")} for c in s.clients()][:10]
+        res["my_pid"] = os.getpid()
     res["check_errors"] = list(rep.errors)[:10]
     res["seconds"] = round(time.monotonic() - t0, 1)
     s.unlink()
@@ -699,8 +706,9 @@ def summary(r):
         extra += [f"  {kind}: {e}" for e in ex]
     extra += [f"  parent: {e}" for e in sorted(set(r.get("parent_examples", [])))[:6]]
     extra += [f"  check: {e}" for e in r.get("check_errors", [])[:3]]
-    if r.get("keys_left"):
-        extra.append(f"  keys left: {r['keys_left']}")
+    if r.get("objects_left"):
+        extra.append(f"  left: keys {r.get('keys_left')}, {r.get('stats_left')}, clients "
+                     f"{r.get('clients_left')} (campaign pid {r.get('my_pid')})")
     return "\n".join([line] + extra)
 
 
