@@ -9,7 +9,8 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["hash.c", "heap.c", "pool.c", "store.c", "object.c", "merger.c", "check.c"]
+SOURCES = ["hash.c", "heap.c", "pool.c", "store.c", "object.c", "put.c", "merger.c", "wp.c",
+           "check.c", "refs.c"]
 
 
 def _cdef():

@@ -2,7 +2,8 @@
  * check.c -- a full consistency check of a store (ds_check).
  *
  * Who may call: anyone; it takes hdr->lock for the whole check (a
- * consistent snapshot) and changes nothing.  It recomputes from the
+ * consistent snapshot) and changes nothing.  It walks the heap with the
+ * one walk of layout.h (DS_FOR_CHUNKS).  It recomputes from the
  * primary records what every derived structure should be and compares:
  *   - every heap chunk has a known kind and class and ends inside the heap;
  *     every free list holds only free chunks of its class, without cycles,
@@ -48,9 +49,9 @@ static void err(ck *c, const char *fmt, ...) {
     c->buf[c->pos] = 0;
 }
 
+/* the one validator (layout.h), for ids found in chunks */
 static int chunk_ok(ds_store *s, uint64_t id, uint8_t kind) {
-    return id >= 1 && id < s->hdr->heap_top && DS_CHUNK(s, id)->kind == kind &&
-           DS_CHUNK(s, id)->cls < DS_NCLASSES;
+    return ds_chunk_get(s, id, kind) != NULL;
 }
 
 /* body of a chunk fits in it */
@@ -58,7 +59,7 @@ static int fits(ds_store *s, uint64_t id, uint64_t bytes) {
     return bytes <= ds_class_bytes(DS_CHUNK(s, id)->cls);
 }
 
-int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
+int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
     memset(out, 0, sizeof *out);
     if (buflen) buf[0] = 0;
     ck c = {s, buf, buflen, 0, 0};
@@ -73,14 +74,9 @@ int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
 
     /* 1. walk the heap */
     uint64_t nfree = 0, objects = 0, keys = 0, logical = 0, small = 0, handles = 0, zero = 0;
-    uint64_t id = 1;
-    while (id < top) {
-        ds_chunk *ch = DS_CHUNK(s, id);
-        uint64_t sz = ds_class_bytes(ch->cls);
-        if (!sz || id + sz / DS_UNIT > top) {
-            err(&c, "heap: chunk %llu has bad class %u", (unsigned long long)id, ch->cls);
-            break;
-        }
+    uint64_t walked = 1;                                 /* where the walk got to */
+    DS_FOR_CHUNKS(s, id, ch) {
+        walked = ds_chunk_next(s, id);
         switch (ch->kind) {
         case DS_K_FREE: nfree++; break;
         case DS_K_HANDLE: {
@@ -169,15 +165,13 @@ int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
         default:
             err(&c, "heap: chunk %llu has unknown kind 0x%x", (unsigned long long)id, ch->kind);
         }
-        id += sz / DS_UNIT;
     }
+    if (walked < top)
+        err(&c, "heap: chunk %llu has bad class %u", (unsigned long long)walked,
+            DS_CHUNK_RAW(s, walked)->cls);
 
     /* 2. references: objects, blobs (and pages through live blobs) */
-    id = 1;
-    while (id < top) {
-        ds_chunk *ch = DS_CHUNK(s, id);
-        uint64_t sz = ds_class_bytes(ch->cls);
-        if (!sz || id + sz / DS_UNIT > top) break;
+    DS_FOR_CHUNKS(s, id, ch) {
         if (ch->kind == DS_K_OBJECT && ((ds_object *)ch)->state == DS_OBJ_SEALED && ch->refcnt != cref[id])
             err(&c, "object %llu: refcount %u, but %u references exist", (unsigned long long)id, ch->refcnt, cref[id]);
         if (ch->kind == DS_K_BLOB) {
@@ -195,7 +189,6 @@ int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
                 }
             }
         }
-        id += sz / DS_UNIT;
     }
 
     /* 3. free lists */

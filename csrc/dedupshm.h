@@ -19,15 +19,26 @@
  * describes any of them.
  *
  * Caveats
- *  - Handles are per process.  After fork() the child must call
- *    ds_after_fork() on every handle it wants to keep using; it then is a
- *    client of its own and must re-acquire the references it holds.
- *  - Object references (handles, ds_acquire) held by a process that dies
- *    are released by the next ds_gc() of any process.
- *  - Views returned by ds_view() stay valid only while the caller holds a
- *    reference to the object (ds_acquire / ds_put's handle).
+ *  - Handles are per process and fork-safe: a pthread_atfork handler makes
+ *    the child of fork() a client of its own before fork() returns, holding
+ *    every reference the parent held (so inherited views and ObjectRefs
+ *    stay valid whatever the parent does next), and no fork lands inside a
+ *    merge window.  Only fork() runs those handlers: a child made by
+ *    clone()/vfork() without exec must not use the handle.
+ *  - References of this process live in a per-process table (refs.c):
+ *    callers own them through cells (ds_ref, ds_viewinfo) that the call
+ *    fills before it returns, and release them with ds_ref_unpin /
+ *    ds_view_close, which are idempotent.  A process that dies holds
+ *    nothing: its client slot is locked with an OFD lock on the index file,
+ *    which the kernel drops when the process dies, in any PID namespace,
+ *    and the next ds_gc() of any process releases what it held.
+ *  - ds_close() waits for calls in flight on the handle, refuses new ones
+ *    (DS_ECLOSED), and keeps the mappings and references that cells still
+ *    hold until the last of them is released.
  *  - A store lives on one machine: the files must be on a local tmpfs or
- *    local filesystem, never on a network filesystem.
+ *    local filesystem, never on a network filesystem.  Both files belong
+ *    to the user who created them (mode 0600); an attach that finds other
+ *    owners or group/other permission bits fails with EACCES.
  *  - Page dedup is a timing side channel between the processes of one
  *    store: a write to a merged page is slower.  Pass DS_NODEDUP for values
  *    that must not share pages.
@@ -51,6 +62,7 @@
 #define DS_ELIMIT     -30005     /* a fixed table is full (clients, buckets) */
 #define DS_EINVAL     -30006     /* bad argument */
 #define DS_ESTATE     -30007     /* object in the wrong state for the call */
+#define DS_ECLOSED    -30008     /* the handle was closed */
 
 /* put flags */
 #define DS_NODEDUP 1             /* never share this value's pages */
@@ -73,7 +85,25 @@ typedef struct ds_viewinfo {
     const uint64_t *bufs;   /* nbufs pairs (offset, length) in the data region */
     uint32_t small;         /* 1 if packed in the heap (not page mapped) */
     uint32_t extents;       /* number of page runs (large objects) */
+    /* ownership (refs.c): what this cell holds, released by ds_view_close */
+    uint32_t obj;
+    uint32_t own;           /* DS_OWN_* bits */
+    uint64_t gen;
+    ds_store *store;        /* the handle it holds something of (set with own) */
+    void *link;             /* refs.c: list of cells still being created */
 } ds_viewinfo;
+
+/* A reference owned by the caller: filled by the call that takes it. */
+typedef struct ds_ref {
+    uint32_t obj;
+    uint32_t held;          /* 1 while this cell holds a reference */
+    uint64_t gen;
+    ds_store *store;        /* the handle it holds it from (set with held) */
+} ds_ref;
+
+#define DS_OWN_PIN 1             /* holds a reference on (obj, gen) */
+#define DS_OWN_MAP 2             /* data..map_len is a mapping to unmap */
+#define DS_OWN_CREATE 4          /* a created object being filled */
 
 typedef struct ds_stats {
     uint64_t capacity;
@@ -130,64 +160,89 @@ int ds_open(const char *index_path, const char *pool_path, int create,
             uint64_t capacity, uint64_t warm_bytes, uint32_t transit_ttl,
             ds_store **out);
 
-/* Detach.  Mappings stay until the last view is unmapped.  Idempotent. */
+/* Detach: wait for calls in flight on s, refuse new ones (DS_ECLOSED),
+ * and release this process's client slot -- at once, or, while cells
+ * (ds_ref, ds_viewinfo) still hold references or mappings, when the last
+ * of them is released.  Call once per handle; s is freed by it. */
 void ds_close(ds_store *s);
+/* ds_close(*cell) once, and *cell = NULL: a destructor for a garbage
+ * collector's cell that ds_open filled (idempotent). */
+void ds_close_at(ds_store **cell);
 
 /* Message for any return code. */
 const char *ds_strerror(int rc);
-
-/* Child side of fork(): register as a new client.  The child holds no
- * references until it ds_acquire()s them again. */
-int ds_after_fork(ds_store *s);
 
 /* Store identity (16 random bytes chosen at creation). */
 void ds_uuid(ds_store *s, uint8_t out[16]);
 
 /*
- * Put a value: copy the buffers in, dedup pages (unless DS_NODEDUP), seal,
- * optionally bind key (replacing an older binding).  The caller receives a
- * reference (*handle) on the new object.  Returns 0, DS_EFULL (store
- * unchanged), DS_EINVAL, DS_ELIMIT, errno.
+ * References (refs.c).  Every function that hands the caller a reference
+ * or a mapping fills a cell the caller allocated BEFORE the call, and sets
+ * its ownership fields last, before returning: there is no instant at
+ * which the caller's code runs while a reference exists that no cell
+ * names.  The release functions are idempotent.
  */
-int ds_put(ds_store *s, const uint8_t *key, uint32_t keylen,
-           const uint8_t *desc, uint32_t desclen,
-           const ds_iov *bufs, uint32_t nbufs, uint32_t flags,
-           uint32_t *obj, uint64_t *gen, uint32_t *handle);
 
-/* Begin a writable object of nbytes: *data is a writable mapping of fresh
- * pages, invisible to others until ds_commit. */
-int ds_create(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nbytes,
-              uint32_t *obj, uint64_t *gen, uint8_t **data);
-/* Seal a created object (dedup its pages) and bind its key (if any); remaps
- * data copy-on-write over the final pages.  *handle: caller's reference.
- * On failure the object is discarded (see ds_abort for data). */
-int ds_commit(ds_store *s, uint32_t obj, uint64_t gen,
-              const uint8_t *desc, uint32_t desclen, uint8_t *data,
-              uint32_t *handle);
-/* Discard a created object; data is left mapped to zero pages (the caller
- * unmaps it).  Also the state data is left in when ds_commit fails. */
-int ds_abort(ds_store *s, uint32_t obj, uint64_t gen, uint8_t *data);
+/* Put a value: copy the buffers in, dedup pages (unless DS_NODEDUP), seal,
+ * optionally bind key (replacing an older binding); *out holds a reference
+ * on the new object.  Returns 0, DS_EFULL (store unchanged), DS_EINVAL,
+ * DS_ELIMIT, errno. */
+int ds_put_ref(ds_store *s, const uint8_t *key, uint32_t keylen,
+               const uint8_t *desc, uint32_t desclen,
+               const ds_iov *bufs, uint32_t nbufs, uint32_t flags, ds_ref *out);
+/* One more reference on (obj, gen) into *out: if this process holds the
+ * object already, a local count; otherwise the object must be live and not
+ * deleted (DS_ENOTFOUND). */
+int ds_ref_pin(ds_store *s, uint32_t obj, uint64_t gen, ds_ref *out);
+/* Release what *r holds (nothing if it holds nothing). */
+int ds_ref_unpin(ds_store *s, ds_ref *r);
+/* Reference for a pickled ObjectRef: lives without any process until
+ * claimed or transit_ttl passes.  *token names it. */
+int ds_transit(ds_store *s, uint32_t obj, uint64_t gen, uint64_t *token);
+/* Take over the transit reference 'token' into *out, or, if it was claimed
+ * already or expired, pin the object anew.  DS_ENOTFOUND if gone. */
+int ds_ref_claim(ds_store *s, uint64_t token, uint32_t obj, uint64_t gen, ds_ref *out);
+/* 0 if (obj, gen) is sealed, not deleted and referenced; DS_ENOTFOUND if not. */
+int ds_ref_alive(ds_store *s, uint32_t obj, uint64_t gen);
 
 /* Key -> object (no reference taken).  DS_ENOTFOUND if absent. */
 int ds_lookup(ds_store *s, const uint8_t *key, uint32_t keylen,
               uint32_t *obj, uint64_t *gen);
-/* Take a reference on a live, not deleted object.  DS_ENOTFOUND if gone. */
-int ds_acquire(ds_store *s, uint32_t obj, uint64_t gen, uint32_t *handle);
-/* Drop a reference (frees the object when it was the last). */
-int ds_release(ds_store *s, uint32_t handle);
-/* Reference for a pickled ObjectRef: lives without any process until
- * claimed or transit_ttl passes.  *token names it. */
-int ds_transit(ds_store *s, uint32_t obj, uint64_t gen, uint64_t *token);
-/* Turn a transit reference into the caller's own.  DS_ENOTFOUND if the
- * token was claimed already or expired. */
-int ds_claim(ds_store *s, uint64_t token, uint32_t obj, uint64_t gen,
-             uint32_t *handle);
 
-/* Map an object the caller holds a reference on.  writable: private
- * copy-on-write mapping (always needs ds_unmap). */
-int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable,
-            ds_viewinfo *out);
-int ds_unmap(void *addr, uint64_t len);
+/* Views.  ds_view_open pins (obj, gen) -- which must be live and not
+ * deleted -- and maps it; ds_view_key does the same for the object bound
+ * to key.  The cell then holds the pin (DS_OWN_PIN) and, for page-mapped
+ * views that are not slices of the process's pool mapping, the mapping
+ * (DS_OWN_MAP).  writable: a private copy-on-write mapping.  A small value
+ * (vi->small) points into the metadata heap: copy it, then close the view.
+ * ds_view_close releases whatever the cell holds. */
+int ds_view_open(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *vi);
+int ds_view_key(ds_store *s, const uint8_t *key, uint32_t keylen, int writable,
+                ds_viewinfo *vi);
+int ds_view_close(ds_store *s, ds_viewinfo *vi);
+
+/* Destructors for a garbage collector (cffi's ffi.gc): release what the
+ * cell holds, if anything, without running any code of the caller's
+ * language in between.  ds_view_drop_at takes (and ignores) the address
+ * of the object whose collection triggers it. */
+void ds_ref_drop(ds_ref *r);
+void ds_view_drop(ds_viewinfo *vi);
+void ds_view_drop_at(ds_viewinfo *vi, void *addr);
+
+/* Create: vi->data is private, zero-filled, writable memory of this
+ * process (DS_OWN_MAP | DS_OWN_CREATE); no pool page is taken, nor
+ * capacity counted, before the commit.  Commit runs the put pipeline over
+ * it (zero pages and pages already stored cost nothing; the tail of the
+ * last page is zeroed), seals and binds the key, and remaps vi->data
+ * copy-on-write over the stored pages; the cell then holds a reference
+ * (DS_OWN_PIN).  Abort (also what a failed commit leaves) discards the
+ * object and leaves vi->data mapped to zero pages until ds_view_close.  A
+ * child of fork() inherits the buffer as private memory, like any other;
+ * only the process that began a create can commit it (DS_ESTATE). */
+int ds_create_open(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nbytes,
+                   ds_viewinfo *vi);
+int ds_create_commit(ds_store *s, ds_viewinfo *vi, const uint8_t *desc, uint32_t desclen);
+int ds_create_abort(ds_store *s, ds_viewinfo *vi);
 
 /* Unbind a key (DS_ENOTFOUND if absent); the object is freed once no
  * reference holds it. */
@@ -204,6 +259,11 @@ int ds_keys(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed);
 int ds_stats_get(ds_store *s, ds_stats *out);
 /* Reclaim what dead clients left; expire old transit references. */
 int ds_gc(ds_store *s, ds_gcinfo *out);
+/* This handle's client identity (slot, attach time), for telling others
+ * who holds something; and whether the client so named is still attached
+ * and alive (1) or not (0) -- by its slot lock, so across PID namespaces. */
+void ds_client_self(ds_store *s, uint32_t *slot, uint64_t *attach_ns);
+int ds_client_alive(ds_store *s, uint32_t slot, uint64_t attach_ns);
 /* Attached clients (up to n); *count is the number written. */
 int ds_clients(ds_store *s, ds_clientinfo *out, uint32_t n, uint32_t *count);
 
@@ -223,6 +283,7 @@ typedef struct ds_scaninfo {
     uint64_t zeroed;         /* zero pages dropped */
     uint64_t passes;         /* passes completed by this call */
     uint64_t cpu_ns;         /* CPU time of this call */
+    uint64_t wp_failed;      /* batches dropped so far: write protection could not be set */
 } ds_scaninfo;
 
 int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr);

@@ -12,8 +12,13 @@
  * The secret comes from the store's random salt, so the fingerprint of a
  * page differs between stores and cannot be predicted from outside one.
  * A fingerprint match is only a hint: every merge compares bytes.
- * The AVX2 and scalar kernels compute the identical function.
+ * The AVX2 and scalar kernels compute the identical function; the kernel
+ * is picked once per process (pthread_once): AVX2 when the CPU has it,
+ * unless DEDUPSHM_FINGERPRINT=scalar asks for the portable one (CI runs
+ * the store tests on both and compares their fingerprints).
  */
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include "layout.h"
 
@@ -118,22 +123,24 @@ void ds_copy_done(void) {
 #endif
 }
 
-static stripes_fn g_stripes;
+static stripes_fn g_stripes = stripes_scalar;
 static const char *g_impl = "scalar";
+static pthread_once_t g_kernel_once = PTHREAD_ONCE_INIT;
 
-static void pick_kernel(void) {
-    if (g_stripes) return;
+static void pick_kernel_once(void) {
+    const char *want = getenv("DEDUPSHM_FINGERPRINT");
+    if (want && strcmp(want, "scalar") == 0) return;   /* "avx2" or unset: best available */
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2")) {
         g_impl = "avx2";
         g_stripes = stripes_avx2;
         g_copy = copy_page_avx2;
-        return;
     }
 #endif
-    g_stripes = stripes_scalar;
 }
+
+static void pick_kernel(void) { pthread_once(&g_kernel_once, pick_kernel_once); }
 
 const char *ds_hash_impl(void) {
     pick_kernel();

@@ -1,7 +1,11 @@
 /*
  * heap.c -- the metadata heap and the linear hash indexes.
  *
- * Who may call: only code holding hdr->lock (ds_lock), in any process.
+ * Who may call: code holding hdr->lock (ds_lock), in any process; except
+ * ds_class_bytes/ds_chunk_bytes_for (pure; the class table is filled once
+ * per process through pthread_once) and ds_fallocate (a syscall wrapper).
+ * ds_chunk_get (layout.h) is the one check of a chunk id read from shared
+ * memory, ds_chunk_next/DS_FOR_CHUNKS the one heap walk.
  *
  * The heap is a bump region of the index file cut into chunks of fixed
  * size classes (about four per doubling, so at most ~20% of a chunk is
@@ -17,7 +21,9 @@
  * entries rather than the capacity the store was created with.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <string.h>
 #include "layout.h"
 
@@ -27,16 +33,25 @@
 #define HEAP_BACK_STEP (64u << 10)
 
 static uint64_t g_cls_units[DS_NCLASSES];
-uint8_t ds_dummy[65536] __attribute__((aligned(64)));
+static pthread_once_t g_cls_once = PTHREAD_ONCE_INIT;
+__thread uint64_t ds_dummy[DS_DUMMY_BYTES / 8] __attribute__((aligned(64)));
 
-static void cls_init(void) {
-    if (g_cls_units[0]) return;
+static void cls_fill(void) {
     uint64_t u = 2;
     for (unsigned c = 0; c < DS_NCLASSES; c++) {
         g_cls_units[c] = u;
         uint64_t n = u + u / 4;
         u = n > u ? n : u + 1;
     }
+}
+
+static void cls_init(void) { pthread_once(&g_cls_once, cls_fill); }
+
+int ds_fallocate(int fd, int mode, uint64_t off, uint64_t len) {
+    int r;
+    do r = fallocate(fd, mode, (off_t)off, (off_t)len);
+    while (r != 0 && errno == EINTR);
+    return r;
 }
 
 uint64_t ds_class_bytes(unsigned cls) {
@@ -64,7 +79,7 @@ uint32_t ds_chunk_alloc(ds_store *s, uint64_t bytes, uint8_t kind) {
     if (cls < 0) return 0;
     uint64_t units = g_cls_units[cls];
     uint32_t id = h->free_head[cls];
-    if (id && (DS_CHUNK(s, id)->kind != DS_K_FREE || DS_CHUNK(s, id)->cls != cls)) {
+    if (id && (!ds_chunk_get(s, id, DS_K_FREE) || DS_CHUNK(s, id)->cls != cls)) {
         h->free_head[cls] = 0;               /* corrupt list: forget it (leaks, never overlaps) */
         id = 0;
     }
@@ -104,10 +119,14 @@ uint32_t ds_chunk_alloc(ds_store *s, uint64_t bytes, uint8_t kind) {
     return id;
 }
 
+/* Free a chunk.  An id that names no allocated chunk (outside the heap,
+ * unknown class, already free) is ignored: freeing it would put a bad or
+ * duplicate entry on a free list. */
 void ds_chunk_free(ds_store *s, uint32_t id) {
     ds_header *h = s->hdr;
-    ds_chunk *c = DS_CHUNK(s, id);
-    uint64_t bytes = g_cls_units[c->cls] * DS_UNIT;
+    ds_chunk *c = ds_chunk_get(s, id, 0);
+    if (!c || c->kind == DS_K_FREE) return;
+    uint64_t bytes = ds_class_bytes(c->cls);
     h->meta_bytes -= bytes;
     c->kind = DS_K_FREE;
     c->next = h->free_head[c->cls];
@@ -118,8 +137,7 @@ void ds_chunk_free(ds_store *s, uint32_t id) {
         uint64_t lo = (start + DS_PAGE_SIZE) & ~(uint64_t)(DS_PAGE_SIZE - 1);
         uint64_t hi = (start + bytes) & ~(uint64_t)(DS_PAGE_SIZE - 1);
         if (hi > lo)
-            fallocate(s->index_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      (off_t)lo, (off_t)(hi - lo));
+            ds_fallocate(s->index_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, lo, hi - lo);
     }
 }
 
@@ -130,20 +148,25 @@ void ds_heap_rebuild_free(ds_store *s) {
     cls_init();
     memset(h->free_head, 0, sizeof h->free_head);
     h->meta_bytes = 0;
-    uint64_t id = 1;
-    while (id < h->heap_top) {
-        ds_chunk *c = DS_CHUNK(s, id);
-        if (c->cls >= DS_NCLASSES) { h->heap_top = id; break; }   /* torn tail */
+    uint64_t end = 1;
+    DS_FOR_CHUNKS(s, id, c) {
         uint64_t units = g_cls_units[c->cls];
-        if (id + units > h->heap_top) { h->heap_top = id; break; }
         if (c->kind == DS_K_FREE) {
             c->next = h->free_head[c->cls];
             h->free_head[c->cls] = (uint32_t)id;
         } else {
             h->meta_bytes += units * DS_UNIT;
         }
-        id += units;
+        end = id + units;
     }
+    if (end < h->heap_top) h->heap_top = end;       /* torn tail */
+}
+
+uint64_t ds_chunk_next(ds_store *s, uint64_t id) {
+    uint64_t top = s->hdr->heap_top;
+    if (id < 1 || id >= top) return 0;
+    uint64_t units = ds_class_bytes(DS_CHUNK_RAW(s, id)->cls) / DS_UNIT;
+    return units && id + units <= top ? id + units : 0;
 }
 
 /* ---- linear hashing ---- */

@@ -34,7 +34,7 @@
 #include "dedupshm.h"
 
 #define DS_MAGIC   0x314d485350454444ULL   /* "DDEPSHM1" little endian */
-#define DS_FORMAT  1u
+#define DS_FORMAT  2u   /* 2: client liveness by OFD slot locks */
 #define DS_NIL     0xFFFFFFFFu             /* end of chain / no node */
 #define DS_UNHASHED 0xFFFFFFFEu            /* page meta: not in the content index */
 #define DS_ZERO    0xFFFFFFFFu             /* page list: an all-zero page */
@@ -61,11 +61,15 @@ typedef struct ds_lhash {
 
 /* ---- client table entry (one per attached process handle) -------------
  * Written by the owning process at attach/close, by gc when reaping; all
- * under hdr->lock.  pid == 0: free slot. */
+ * under hdr->lock.  pid == 0: free slot.  A used slot is alive while some
+ * open file description of the index holds the OFD write lock on byte
+ * DS_LIVE_LOCK_BASE + slot (store.c): the kernel drops it when its
+ * process dies, whatever PID namespace either process is in.  pid is for
+ * display only (it may be another namespace's number). */
 typedef struct ds_client {
     uint32_t pid;
     uint32_t pad;
-    uint64_t start_time;   /* /proc/PID/stat field 22: tells reused pids apart */
+    uint64_t reserved;     /* format 1 kept a /proc start time here */
     uint64_t handles;      /* references it holds (statistics only) */
     uint64_t attach_ns;
     uint64_t volatile_pages;  /* merger: pages that changed since its last look */
@@ -237,7 +241,38 @@ struct ds_store {
     uint32_t pid;
     uint64_t secret[8];      /* fingerprint lanes derived from salt */
     struct ds_merger *merger;   /* this process's mergeable regions (merger.c) */
+
+    /* refs.c: the references this process holds, one shared HANDLE per
+     * object with a local count.  Process-private, under pin_mu.  Lock
+     * order: g_stores_mu (refs.c) -> wp.c's global lock -> merger->mu ->
+     * pin_mu -> hdr->lock. */
+    pthread_mutex_t pin_mu;
+    struct ds_pin *pins;     /* open addressing by object id */
+    uint32_t pin_cap, pin_count;
+    ds_viewinfo *creating;   /* cells of creates being filled (linked by ->link) */
+    /* lifetime (atomics): calls in progress; 1 for the opener + 1 per cell
+     * that holds something.  ds_close waits for inflight == 0; the handle
+     * is torn down when refs reaches 0. */
+    uint64_t inflight, refs;
+    int closed;              /* ds_close ran: new calls get DS_ECLOSED */
+    int orphan;              /* a fork child that could not get a slot: calls fail */
+    /* fork (refs.c's atfork handlers, between prepare and parent/child) */
+    int fork_fd;             /* new open file description holding the child's slot lock */
+    uint32_t fork_slot;      /* DS_NIL: none reserved */
+    ds_store *next_store;    /* list of open handles, under g_stores_mu */
+    char *index_path;        /* for re-opening the index if /proc is absent */
 };
+
+/* Offset of the OFD byte-range lock that marks client slot i alive: far
+ * past the end of the index file, so it never covers data.  store.c. */
+#define DS_LIVE_LOCK_BASE (1ull << 40)
+int  ds_slot_lock(int fd, uint32_t slot);      /* 0 or errno (EAGAIN: held) */
+int  ds_slot_alive(ds_store *s, uint32_t slot);   /* 1 alive, 0 dead */
+void ds_release_slot(ds_store *s, uint32_t slot); /* lock held: all it holds */
+void ds_teardown(ds_store *s);                 /* refs.c: last ref dropped */
+/* refs.c: public entry points bracket their work with these */
+int  ds_enter(ds_store *s);                    /* 0, DS_ECLOSED or DS_ELIMIT */
+void ds_leave(ds_store *s);
 
 /* ---- internal API (not part of the ABI) ---- */
 /* store.c */
@@ -245,6 +280,7 @@ int  ds_lock(ds_store *s);            /* may rebuild after EOWNERDEAD */
 void ds_unlock(ds_store *s);
 int  ds_back(ds_store *s, uint64_t off, uint64_t len);  /* fallocate index */
 uint64_t ds_now_s(void);
+uint64_t ds_now_ns(void);            /* CLOCK_REALTIME */
 /* hash.c */
 void ds_hash_init(ds_store *s);
 uint64_t ds_hash_bytes(const ds_store *s, const void *p, uint64_t n);
@@ -278,11 +314,96 @@ void ds_page_free_raw(ds_store *s, uint32_t page);
 void ds_page_decref_cold(ds_store *s, uint32_t page);
 int  ds_pmeta_ensure(ds_store *s, uint32_t page);
 /* merger.c */
-void ds_merger_after_fork(ds_store *s);
 void ds_merger_close(ds_store *s);
-/* object.c */
+/* refs.c */
+void ds_refs_add(ds_store *s);
+/* object.c, check.c: bodies of public calls whose guard (ds_enter/ds_leave)
+ * is in refs.c; same contracts as in dedupshm.h */
+int ds_lookup_in(ds_store *s, const uint8_t *key, uint32_t keylen, uint32_t *obj, uint64_t *gen);
+int ds_transit_in(ds_store *s, uint32_t obj, uint64_t gen, uint64_t *token);
+int ds_delete_key_in(ds_store *s, const uint8_t *key, uint32_t keylen);
+int ds_delete_obj_in(ds_store *s, uint32_t obj, uint64_t gen);
+int ds_count_in(ds_store *s, uint64_t *n);
+int ds_keys_in(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed);
+int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out);
+int ds_mergeable_alloc_in(ds_store *s, uint64_t nbytes, uint8_t **addr);
+int ds_mergeable_free_in(ds_store *s, uint8_t *addr);
+int ds_merge_scan_in(ds_store *s, uint64_t max_pages, ds_scaninfo *out);
+int ds_merger_config_in(ds_store *s, uint32_t vma_budget);
+/* object.c: handle-level operations, wrapped by refs.c (which owns the
+ * process's reference table); see dedupshm.h for the cell-level API. */
 void ds_object_free(ds_store *s, uint32_t id);
 void ds_object_decref(ds_store *s, uint32_t id);
+uint32_t ds_handle_new(ds_store *s, uint32_t obj, uint32_t owner);   /* lock held; 0 = full */
+int ds_object_alive(ds_store *s, uint32_t obj, uint64_t gen);        /* lock held; 1 = live */
+int ds_put(ds_store *s, const uint8_t *key, uint32_t keylen,
+           const uint8_t *desc, uint32_t desclen,
+           const ds_iov *bufs, uint32_t nbufs, uint32_t flags,
+           uint32_t *obj, uint64_t *gen, uint32_t *handle);
+int ds_create(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nbytes,
+              uint32_t *obj, uint64_t *gen, uint8_t **data);
+int ds_commit(ds_store *s, uint32_t obj, uint64_t gen,
+              const uint8_t *desc, uint32_t desclen, uint8_t *data,
+              uint32_t *handle);
+int ds_abort(ds_store *s, uint32_t obj, uint64_t gen, uint8_t *data);
+int ds_acquire(ds_store *s, uint32_t obj, uint64_t gen, uint32_t *handle);
+int ds_release(ds_store *s, uint32_t handle);
+int ds_claim(ds_store *s, uint64_t token, uint32_t obj, uint64_t gen, uint32_t *handle);
+/* Map an object the caller holds a reference on (a live, sealed, not
+ * deleted one).  writable: private copy-on-write.  A value of more page
+ * runs than ds_view_runs_max() comes back as a private copy (read-only
+ * unless writable); out->map_len says what to unmap either way. */
+int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *out);
+/* object.c, for put.c: objects and their keys (lock held) */
+struct ds_object;
+struct ds_object *ds_obj_check(ds_store *s, uint32_t id, uint64_t gen);
+struct ds_object *ds_object_new(ds_store *s, const uint8_t *key, uint32_t keylen, uint32_t *id);
+int  ds_object_seal(ds_store *s, uint32_t id, uint32_t blob, uint64_t size, int keyed,
+                    uint32_t *handle);
+/* object.c: mapping page runs (no lock; the caller holds references on
+ * the pages).  ds_view_runs_max: most runs a view maps one by one (each
+ * costs a VMA); beyond it the bytes are copied into one mapping. */
+int  ds_map_runs(ds_store *s, uint8_t *addr, const uint32_t *ext, uint32_t nruns,
+                 int prot, int shared);
+uint8_t *ds_reserve_va(uint64_t len);
+uint32_t ds_view_runs_max(void);
+/* heap.c: the one heap walk.  ds_chunk_next: the chunk after id, or 0
+ * when the walk must stop (end of heap, or a chunk whose class is unknown
+ * or that runs past heap_top: a torn tail).  Lock held. */
+uint64_t ds_chunk_next(ds_store *s, uint64_t id);
+/* Visit every chunk from unit 1 (lock held).  'continue' is fine; 'break'
+ * leaves only the inner loop, so use goto or a flag to stop early. */
+#define DS_FOR_CHUNKS(s, id, c)                                                \
+    for (uint64_t id = 1, _ds_nx; id < (s)->hdr->heap_top &&                   \
+         (_ds_nx = ds_chunk_next((s), id)) != 0; id = _ds_nx)                  \
+        for (ds_chunk *c = DS_CHUNK_RAW((s), id); c; c = NULL)
+/* heap.c: fallocate that retries on EINTR (a signal must not fail a
+ * reservation or leave a punch undone).  Any caller, no lock needed. */
+int  ds_fallocate(int fd, int mode, uint64_t off, uint64_t len);
+/* merger fork hooks (called by refs.c's atfork handlers)
+ * Order.  prepare: ds_wp_atfork_prepare(); then ds_merger_fork_prepare(s)
+ * for every store, BEFORE taking any hdr->lock (the scan holds
+ * merger->mu while it waits for hdr->lock); then, under hdr->lock with
+ * the child's slot allocated, ds_merger_fork_dup(s, child_slot).
+ * parent: ds_merger_fork_parent(s) for every store, then
+ * ds_wp_atfork_parent().  child: ds_wp_atfork_child(), then
+ * ds_merger_fork_child(s) for every store (s->slot may already be the
+ * child's: fork_child does not read it).
+ * Parent and child hooks run after every prepare, also when the fork or
+ * ds_merger_fork_dup failed.  ds_merger_fork_dup sets the child slot's
+ * merged_pages itself (the caller must not clear that slot afterwards);
+ * on DS_EFULL it has freed its copies, and a child that is forked all
+ * the same forgets its merges (its merged pages stay mapped with no
+ * reference of its own: refs.c should make such a fork fail).  While a
+ * fork waits in ds_merger_fork_prepare the scan hands mu over between two
+ * batches, so a fork waits for one batch, not a whole ds_merge_scan. */
+void ds_wp_atfork_prepare(void);     /* takes wp.c's global lock */
+void ds_wp_atfork_parent(void);
+void ds_wp_atfork_child(void);       /* busy table cleared, uffd reset, lock usable */
+void ds_merger_fork_prepare(ds_store *s);    /* takes s->merger->mu: no merge window open */
+int  ds_merger_fork_dup(ds_store *s, uint32_t child_slot);
+void ds_merger_fork_parent(ds_store *s);     /* forgets the copies; unlocks mu */
+void ds_merger_fork_child(ds_store *s);      /* adopts the copies; per-process state reset */
 
 /* address helpers */
 #define DS_HDR(s)        ((s)->hdr)
@@ -290,22 +411,30 @@ void ds_object_decref(ds_store *s, uint32_t id);
  * outside the heap (or a page outside the backed page meta) yields a
  * process-local zeroed stand-in whose kind matches nothing, so corrupt
  * metadata is reported by the callers' kind checks and never makes us
- * read or write outside our mappings.  _RAW: for the allocator only. */
-extern uint8_t ds_dummy[65536];
+ * read or write outside our mappings.  _RAW: for ids already checked
+ * (the allocator, ds_chunk_get, the heap walk). */
+/* The stand-in is per thread (threads of one process reach it at once:
+ * a shared one would be zeroed under a thread still reading it). */
+#define DS_DUMMY_BYTES 512u
+extern __thread uint64_t ds_dummy[DS_DUMMY_BYTES / 8];
+static inline void *ds_standin(void) {
+    memset(ds_dummy, 0, DS_DUMMY_BYTES);
+    return ds_dummy;
+}
 #define DS_CHUNK_RAW(s, id) ((ds_chunk *)((s)->ix + (s)->hdr->heap_off + (uint64_t)(id) * DS_UNIT))
 static inline ds_chunk *ds_chunk_at(ds_store *s, uint64_t id) {
     if (id - 1 >= s->hdr->heap_top - 1) {          /* id == 0 or id >= heap_top */
-        memset(ds_dummy, 0, 256);
-        ((ds_chunk *)ds_dummy)->next = DS_NIL;      /* ends any chain it is found in */
-        return (ds_chunk *)ds_dummy;
+        ds_chunk *c = ds_standin();
+        c->next = DS_NIL;                           /* ends any chain it is found in */
+        return c;
     }
     return DS_CHUNK_RAW(s, id);
 }
 static inline ds_pmeta *ds_pmeta_at(ds_store *s, uint64_t pg) {
     if (pg >= s->hdr->cap_pages || (pg + 1) * sizeof(ds_pmeta) > s->hdr->pmeta_backed) {
-        memset(ds_dummy, 0, 256);
-        ((ds_pmeta *)ds_dummy)->next = DS_NIL;
-        return (ds_pmeta *)ds_dummy;
+        ds_pmeta *m = ds_standin();
+        m->next = DS_NIL;
+        return m;
     }
     return ((ds_pmeta *)(s->ix + s->hdr->pmeta_off)) + pg;
 }
@@ -341,6 +470,19 @@ static inline uint8_t *ds_blob_payload(ds_blob *b) {
     uint64_t off = 16u * b->nbufs + b->desclen;
     off = (off + 15u) & ~(uint64_t)15u;
     return (uint8_t *)(b + 1) + off;
+}
+
+/* THE validator for a chunk id read from shared memory (or from a
+ * caller): the chunk if id lies inside the heap, its class is known, it
+ * ends inside the heap and (kind != 0) it is of that kind; else NULL.
+ * Lock held, or a reference that keeps the chunk alive. */
+static inline ds_chunk *ds_chunk_get(ds_store *s, uint64_t id, uint8_t kind) {
+    uint64_t top = s->hdr->heap_top;
+    if (id < 1 || id >= top) return NULL;
+    ds_chunk *c = DS_CHUNK_RAW(s, id);
+    uint64_t bytes = ds_class_bytes(c->cls);
+    if (!bytes || id + bytes / DS_UNIT > top || (kind && c->kind != kind)) return NULL;
+    return c;
 }
 
 #endif

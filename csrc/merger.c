@@ -26,22 +26,16 @@
  *  5. SMART SCAN: a stable page that found no partner is looked at less
  *     often (every 2^age passes, age <= 5); any change resets its age.
  *
- * Merging a run of pages onto pool pages Q..Q+k: the batch is
- * write-protected (mprotect PROT_READ; the page addresses are published in
- * a process-wide busy table), the bytes are compared again -- a match of
- * fingerprints is only a hint -- and the run is replaced with one
- * mmap(MAP_PRIVATE | MAP_FIXED) of the pool file.  Reads then share the
- * pool page; the first write makes the kernel copy it (copy-on-write), so
- * no other process ever sees the write.  A thread that writes a page of
- * the batch meanwhile takes SIGSEGV; our handler sees the address is busy,
- * waits for the merge to finish and returns, and the write is retried on
- * the new mapping: it is not lost.  Faults outside our pages go to the
- * handler that was installed before ours (pytest's faulthandler, say).
- * Where userfaultfd write-protection is available the batch is protected
- * with it instead, and even writes the kernel makes on our behalf
- * (read(2)/recv(2) into the buffer) wait and complete.  Without it (the
- * mprotect fallback) such a system call that hits a page during its merge
- * window -- tens of microseconds -- fails with EFAULT instead of waiting.
+ * Merging a run of pages onto pool pages Q..Q+k happens in a merge
+ * window (wp.c, which owns the write protection and says how writers
+ * wait): the batch's pages are published busy and write-protected, the
+ * bytes are compared again -- a match of fingerprints is only a hint --
+ * and the run is replaced with one mmap(MAP_PRIVATE | MAP_FIXED) of the
+ * pool file.  Reads then share the pool page; the first write makes the
+ * kernel copy it (copy-on-write), so no other process ever sees the
+ * write, and a write that hit the window waits and lands on the new
+ * mapping.  If the window cannot be opened (mprotect's ENOMEM) the batch
+ * is dropped: nothing is compared or remapped unprotected.
  *
  * References.  Each region has a MERGE chunk in the shared heap listing
  * the pool page each of its pages is mapped onto; each entry holds one
@@ -49,37 +43,51 @@
  * only after pagemap shows the page is no longer mapped (COW), so counts
  * are exact or over, never under.  gc releases a dead process's chunk.
  *
+ * Fork.  A child must inherit neither an open window nor references it
+ * does not own.  refs.c's atfork handlers call ds_merger_fork_prepare
+ * (takes merger->mu: no window is open while it is held), then
+ * ds_merger_fork_dup under hdr->lock (a copy of each MERGE chunk, owned
+ * by the child's slot, one reference per merged page: taken before the
+ * fork, so nothing the child maps can be freed under it), and
+ * ds_merger_fork_parent / ds_merger_fork_child after it (layout.h).
+ *
+ * Close.  ds_close calls ds_merger_close once no call is in flight.
+ * Regions still alive then (the process may still read them: at exit the
+ * store is closed before the buffers are collected) stay mapped, their
+ * merged pages made private first, then their references are given back.
+ *
  * Locking.  Shared state (pool pages, content index, hint table, MERGE
  * chunks, counters) under hdr->lock.  The process-local region list under
  * merger->mu, which ds_merge_scan holds for its whole call; allocation and
- * release of regions take it too.  Lock order: merger->mu, then hdr->lock.
+ * release of regions take it too.  Lock order: wp.c's global lock (never
+ * taken under merger->mu), then merger->mu, then hdr->lock.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <linux/userfaultfd.h>
-#include <poll.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include "layout.h"
+#include "wp.h"
 
-#define BATCH 64u
+#define BATCH DS_WP_BATCH
 #define MAX_AGE 5
 #define PM_PRESENT (1ull << 63)
 #define PM_FILE (1ull << 61)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
 typedef struct region {
     uint8_t *addr;
     uint32_t npages;
     uint32_t chunk;          /* MERGE chunk in the heap */
+    uint32_t fork_copy;      /* fork: the child's copy of chunk (ds_merger_fork_dup) */
     uint64_t *lastfp;        /* fingerprint at the last look (0: none) */
     uint32_t *merged;        /* pool page we are mapped onto, DS_ZERO if none */
     uint8_t *age;            /* smart scan back-off */
@@ -96,229 +104,49 @@ struct ds_merger {
     uint32_t vma_budget;
     uint64_t vmas;           /* mappings our merges created (estimate) */
     int pagemap_fd;
+    int fork_locked;         /* mu taken by ds_merger_fork_prepare */
+    int fork_waiting;        /* a fork wants mu: the scan yields it between batches */
+    int fork_dup;            /* this fork: 0 no ds_merger_fork_dup call, 1 copies made, -1 it failed */
+    int rereg;               /* child of fork: register the regions with our own userfaultfd */
+    uint64_t wp_failures;    /* batches dropped because protecting failed */
     /* this pass's counts, published at the end of each pass */
     uint64_t pass_volatile, pass_unshared;
 };
 
-/* ---- process-wide fault handling ---- */
-
-#define MAX_REGIONS 4096
-#define MAX_BUSY 16
-static uintptr_t g_reg_lo[MAX_REGIONS], g_reg_hi[MAX_REGIONS];
-static uintptr_t g_busy_lo[MAX_BUSY], g_busy_hi[MAX_BUSY];
-static struct sigaction g_old_segv;
-static int g_handler_installed;
-static pthread_mutex_t g_global_mu = PTHREAD_MUTEX_INITIALIZER;
-
-static int addr_busy(uintptr_t a) {
-    for (int i = 0; i < MAX_BUSY; i++)
-        if (a >= __atomic_load_n(&g_busy_lo[i], __ATOMIC_ACQUIRE) &&
-            a < __atomic_load_n(&g_busy_hi[i], __ATOMIC_ACQUIRE))
-            return 1;
-    return 0;
-}
-
-static int addr_ours(uintptr_t a) {
-    for (int i = 0; i < MAX_REGIONS; i++)
-        if (a >= __atomic_load_n(&g_reg_lo[i], __ATOMIC_ACQUIRE) &&
-            a < __atomic_load_n(&g_reg_hi[i], __ATOMIC_ACQUIRE))
-            return 1;
-    return 0;
-}
-
-static void on_segv(int sig, siginfo_t *si, void *ctx) {
-    uintptr_t a = (uintptr_t)si->si_addr;
-    if (addr_ours(a)) {
-        /* a write to a page being merged: wait, then retry the write */
-        while (addr_busy(a)) sched_yield();
-        return;
-    }
-    if (g_old_segv.sa_flags & SA_SIGINFO) {
-        g_old_segv.sa_sigaction(sig, si, ctx);
-    } else if (g_old_segv.sa_handler == SIG_DFL || g_old_segv.sa_handler == SIG_IGN) {
-        signal(sig, SIG_DFL);             /* the fault repeats, with the default action */
-    } else {
-        g_old_segv.sa_handler(sig);
-    }
-}
-
-static int install_handler(void) {
-    if (g_handler_installed) return 0;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_segv;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGSEGV, &sa, &g_old_segv) != 0) return errno;
-    g_handler_installed = 1;
-    return 0;
-}
-
-static int region_table_add(uintptr_t lo, uintptr_t hi) {
-    for (int i = 0; i < MAX_REGIONS; i++) {
-        if (g_reg_hi[i] == 0) {
-            __atomic_store_n(&g_reg_lo[i], lo, __ATOMIC_RELEASE);
-            __atomic_store_n(&g_reg_hi[i], hi, __ATOMIC_RELEASE);
-            return 0;
-        }
-    }
-    return DS_ELIMIT;
-}
-
-static void region_table_del(uintptr_t lo) {
-    for (int i = 0; i < MAX_REGIONS; i++) {
-        if (g_reg_lo[i] == lo && g_reg_hi[i]) {
-            __atomic_store_n(&g_reg_hi[i], 0, __ATOMIC_RELEASE);
-            __atomic_store_n(&g_reg_lo[i], 0, __ATOMIC_RELEASE);
-            return;
-        }
-    }
-}
-
-/* ---- userfaultfd write-protection (the fast path) ----
- * With it, a write to a page being merged -- by a thread of ours or by the
- * kernel on our behalf (read(2) into the buffer) -- sleeps in the kernel
- * until our fault thread wakes it after the merge; nothing fails.  Each
- * new mapping onto the pool is registered too (tmpfs write-protection).
- * Pages whose mapping could not be registered, and processes where
- * userfaultfd is unavailable (containers, no privilege) or disabled
- * (DEDUPSHM_NO_UFFD=1), use mprotect and the SIGSEGV handler. */
-static int g_uffd = -1;
-static pid_t g_uffd_pid;
-static int g_uffd_off;
-
-static void *uffd_thread(void *arg) {
-    int fd = (int)(intptr_t)arg;
-    struct pollfd pfd = {fd, POLLIN, 0};
-    for (;;) {
-        if (poll(&pfd, 1, -1) < 0) {
-            if (errno == EINTR) continue;
-            return NULL;
-        }
-        struct uffd_msg msg;
-        ssize_t got = read(fd, &msg, sizeof msg);
-        if (got != (ssize_t)sizeof msg) {
-            if (got < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-            return NULL;
-        }
-        if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
-        uintptr_t a = (uintptr_t)msg.arg.pagefault.address & ~(uintptr_t)(DS_PAGE_SIZE - 1);
-        while (addr_busy(a)) sched_yield();
-        struct uffdio_range rg = {a, DS_PAGE_SIZE};
-        ioctl(fd, UFFDIO_WAKE, &rg);
-    }
-}
-
-/* g_global_mu held */
-static int uffd_ready(void) {
-    if (g_uffd >= 0 && g_uffd_pid == getpid()) return 1;
-    if (g_uffd >= 0) { close(g_uffd); g_uffd = -1; }      /* inherited over fork */
-    if (g_uffd_off) return 0;
-    const char *env = getenv("DEDUPSHM_NO_UFFD");
-    if (env && *env && *env != '0') { g_uffd_off = 1; return 0; }
-    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) { g_uffd_off = 1; return 0; }
-    struct uffdio_api api = {.api = UFFD_API,
-                             .features = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM};
-    pthread_t th;
-    pthread_attr_t at;
-    pthread_attr_init(&at);
-    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-    int ok = ioctl(fd, UFFDIO_API, &api) == 0 && (api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP) &&
-             pthread_create(&th, &at, uffd_thread, (void *)(intptr_t)fd) == 0;
-    pthread_attr_destroy(&at);
-    if (!ok) { close(fd); g_uffd_off = 1; return 0; }
-    g_uffd = fd;
-    g_uffd_pid = getpid();
-    return 1;
-}
-
-static int uffd_register(uint8_t *va, uint64_t len) {
-    pthread_mutex_lock(&g_global_mu);
-    int ok = uffd_ready();
-    pthread_mutex_unlock(&g_global_mu);
-    if (!ok || !len) return 0;
-    struct uffdio_register reg = {.range = {(uintptr_t)va, len}, .mode = UFFDIO_REGISTER_MODE_WP};
-    return ioctl(g_uffd, UFFDIO_REGISTER, &reg) == 0;
-}
-
-const char *ds_merger_wp_mode(void) {
-    pthread_mutex_lock(&g_global_mu);
-    int ok = uffd_ready();
-    pthread_mutex_unlock(&g_global_mu);
-    return ok ? "userfaultfd" : "mprotect";
-}
-
-/* Write-protect (on=1) or release (on=0) pages [p, p+k) of r. */
-static void wp_run(region *r, uint32_t p, uint32_t k, int on) {
-    uint8_t *a = r->addr + (uint64_t)p * DS_PAGE_SIZE;
-    uint64_t len = (uint64_t)k * DS_PAGE_SIZE;
-    if (r->uffd[p]) {
-        struct uffdio_writeprotect wp = {.range = {(uintptr_t)a, len},
-                                         .mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0};
-        if (ioctl(g_uffd, UFFDIO_WRITEPROTECT, &wp) == 0) return;
-    }
-    mprotect(a, len, on ? PROT_READ : PROT_READ | PROT_WRITE);
-}
-
-/* Apply wp_run to maximal runs of pages with sel[i] set, splitting where
- * the protection mechanism changes. */
-static void wp_batch(region *r, uint32_t first, uint32_t n, const uint8_t *sel, int on) {
-    for (uint32_t i = 0; i < n;) {
-        if (!sel[i]) { i++; continue; }
-        uint32_t j = i + 1;
-        while (j < n && sel[j] && r->uffd[first + j] == r->uffd[first + i]) j++;
-        wp_run(r, first + i, j - i, on);
-        i = j;
-    }
-}
-
-static int busy_set(uintptr_t lo, uintptr_t hi) {
-    for (;;) {
-        for (int i = 0; i < MAX_BUSY; i++) {
-            uintptr_t zero = 0;
-            if (__atomic_compare_exchange_n(&g_busy_hi[i], &zero, hi, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-                __atomic_store_n(&g_busy_lo[i], lo, __ATOMIC_RELEASE);
-                return i;
-            }
-        }
-        sched_yield();
-    }
-}
-
-static void busy_clear(int i) {
-    __atomic_store_n(&g_busy_lo[i], 0, __ATOMIC_RELEASE);
-    __atomic_store_n(&g_busy_hi[i], 0, __ATOMIC_RELEASE);
-}
-
 /* ---- regions ---- */
 
+/* Lock-free (a CAS), so that no lock of ours is needed to create it and
+ * a fork can never find one held. */
 static struct ds_merger *merger_get(ds_store *s) {
-    if (s->merger) return s->merger;
-    pthread_mutex_lock(&g_global_mu);
-    if (!s->merger) {
-        struct ds_merger *m = calloc(1, sizeof *m);
-        if (m) {
-            pthread_mutex_init(&m->mu, NULL);
-            m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-            m->vma_budget = 16384;
-            __atomic_store_n(&s->merger, m, __ATOMIC_RELEASE);
-        }
+    struct ds_merger *m = __atomic_load_n(&s->merger, __ATOMIC_ACQUIRE);
+    if (m) return m;
+    m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    pthread_mutex_init(&m->mu, NULL);
+    m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    m->vma_budget = 16384;
+    struct ds_merger *none = NULL;
+    if (!__atomic_compare_exchange_n(&s->merger, &none, m, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        if (m->pagemap_fd >= 0) close(m->pagemap_fd);       /* another thread won */
+        pthread_mutex_destroy(&m->mu);
+        free(m);
+        return none;
     }
-    pthread_mutex_unlock(&g_global_mu);
-    return s->merger;
+    return m;
 }
 
-int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
+static void region_free_mem(region *r) {
+    free(r->lastfp); free(r->merged); free(r->age); free(r->uffd); free(r);
+}
+
+int ds_mergeable_alloc_in(ds_store *s, uint64_t nbytes, uint8_t **addr) {
     if (nbytes == 0 || nbytes > (1ull << 44)) return DS_EINVAL;
     struct ds_merger *m = merger_get(s);
     if (!m) return ENOMEM;
     uint64_t n64 = (nbytes + DS_PAGE_SIZE - 1) / DS_PAGE_SIZE;
     if (n64 > 0xFFFFFFF0ull) return DS_EINVAL;
     uint32_t n = (uint32_t)n64;
-    pthread_mutex_lock(&g_global_mu);
-    int rc = install_handler();
-    pthread_mutex_unlock(&g_global_mu);
+    int rc = ds_wp_setup();
     if (rc) return rc;
     region *r = calloc(1, sizeof *r);
     if (!r) return ENOMEM;
@@ -337,7 +165,7 @@ int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
     /* merging works page by page: a transparent huge page would only be
      * split lazily, keeping its memory after its pages were merged */
     madvise(va, n64 * DS_PAGE_SIZE, MADV_NOHUGEPAGE);
-    memset(r->uffd, uffd_register(va, n64 * DS_PAGE_SIZE), n);
+    memset(r->uffd, ds_wp_uffd_register(va, n64 * DS_PAGE_SIZE), n);
     for (uint32_t i = 0; i < n; i++) r->merged[i] = DS_ZERO;
     rc = ds_lock(s);
     if (rc) goto fail;
@@ -364,11 +192,13 @@ int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
     }
     ds_unlock(s);
     if (!r->chunk) { rc = DS_EFULL; goto fail; }
-    pthread_mutex_lock(&g_global_mu);
-    rc = region_table_add((uintptr_t)va, (uintptr_t)va + n64 * DS_PAGE_SIZE);
-    pthread_mutex_unlock(&g_global_mu);
+    rc = ds_wp_region_add(va, n64 * DS_PAGE_SIZE);
     if (rc) {
-        if (ds_lock(s) == 0) { ds_chunk_free(s, r->chunk); ds_unlock(s); }
+        if (ds_lock(s) == 0) {
+            h->mergeable_pages -= h->mergeable_pages >= n ? n : h->mergeable_pages;
+            ds_chunk_free(s, r->chunk);
+            ds_unlock(s);
+        }
         goto fail;
     }
     pthread_mutex_lock(&m->mu);
@@ -379,14 +209,15 @@ int ds_mergeable_alloc(ds_store *s, uint64_t nbytes, uint8_t **addr) {
     return 0;
 fail:
     if (va != MAP_FAILED && va) munmap(va, n64 * DS_PAGE_SIZE);
-    free(r->lastfp); free(r->merged); free(r->age); free(r->uffd); free(r);
+    region_free_mem(r);
     return rc;
 }
 
-/* Release a region's pool references and its memory.  Caller holds m->mu. */
-static void region_destroy(ds_store *s, struct ds_merger *m, region *r, int release_refs) {
+/* Give r's pool references back (if mine: the MERGE chunk is ours) and
+ * take it out of the fault handler's table.  Caller holds m->mu. */
+static void region_release(ds_store *s, struct ds_merger *m, region *r, int mine) {
     uint64_t merged = 0;
-    if (release_refs && ds_lock(s) == 0) {
+    if (mine && r->chunk && ds_lock(s) == 0) {
         ds_pending *mg = (ds_pending *)DS_CHUNK(s, r->chunk);
         if (mg->h.kind == DS_K_MERGE && mg->owner == s->slot) {
             for (uint32_t k = 0, n = ds_list_len(mg); k < n; k++)
@@ -398,15 +229,12 @@ static void region_destroy(ds_store *s, struct ds_merger *m, region *r, int rele
         c->merged_pages = c->merged_pages >= merged ? c->merged_pages - merged : 0;
         ds_unlock(s);
     }
+    r->chunk = 0;
     if (m->cur == r) { m->cur = r->next; m->cur_page = 0; }
-    pthread_mutex_lock(&g_global_mu);
-    region_table_del((uintptr_t)r->addr);
-    pthread_mutex_unlock(&g_global_mu);
-    munmap(r->addr, (uint64_t)r->npages * DS_PAGE_SIZE);
-    free(r->lastfp); free(r->merged); free(r->age); free(r->uffd); free(r);
+    ds_wp_region_del(r->addr);
 }
 
-int ds_mergeable_free(ds_store *s, uint8_t *addr) {
+int ds_mergeable_free_in(ds_store *s, uint8_t *addr) {
     struct ds_merger *m = s->merger;
     if (!m) return DS_ENOTFOUND;
     pthread_mutex_lock(&m->mu);
@@ -414,7 +242,9 @@ int ds_mergeable_free(ds_store *s, uint8_t *addr) {
         region *r = *pp;
         if (r->addr == addr) {
             *pp = r->next;
-            region_destroy(s, m, r, 1);
+            region_release(s, m, r, 1);
+            munmap(r->addr, (uint64_t)r->npages * DS_PAGE_SIZE);
+            region_free_mem(r);
             pthread_mutex_unlock(&m->mu);
             return 0;
         }
@@ -423,6 +253,16 @@ int ds_mergeable_free(ds_store *s, uint8_t *addr) {
     return DS_ENOTFOUND;
 }
 
+/* Closing the store with regions still alive (the process may still read
+ * them: at exit the store is closed before the buffers are collected).
+ * Their memory stays mapped and keeps its bytes: each merged page is
+ * first made private (MADV_POPULATE_WRITE breaks copy-on-write as a
+ * write would, without writing, so a concurrent writer loses nothing),
+ * and only then is its pool reference given back -- a pool page freed
+ * and reused while still mapped would change under the reader.  The
+ * mapping is never unmapped: ds_mergeable_free after close finds no
+ * merger and leaves it; the process's exit returns it.
+ * Called by ds_close once no call is in flight (no scan, no alloc/free). */
 void ds_merger_close(ds_store *s) {
     struct ds_merger *m = s->merger;
     if (!m) return;
@@ -431,47 +271,114 @@ void ds_merger_close(ds_store *s) {
     while (m->head) {
         region *r = m->head;
         m->head = r->next;
-        region_destroy(s, m, r, mine);
+        for (uint32_t i = 0; i < r->npages;) {
+            if (r->merged[i] == DS_ZERO) { i++; continue; }
+            uint32_t j = i + 1;
+            while (j < r->npages && r->merged[j] != DS_ZERO) j++;
+            /* Known gap: a page the caller made read-only itself cannot
+             * be made private (the advice fails); its reference is given
+             * back all the same, so once the pool page is reused such a
+             * page could read another value's bytes. */
+            madvise(r->addr + (uint64_t)i * DS_PAGE_SIZE, (uint64_t)(j - i) * DS_PAGE_SIZE,
+                    MADV_POPULATE_WRITE);
+            i = j;
+        }
+        region_release(s, m, r, mine);
+        region_free_mem(r);                 /* the mapping stays */
     }
     pthread_mutex_unlock(&m->mu);
     if (m->pagemap_fd >= 0) close(m->pagemap_fd);
     pthread_mutex_destroy(&m->mu);
-    free(m);
     s->merger = NULL;
+    free(m);
 }
 
-/* Child of fork: we inherited the regions, and their merged pages are
- * mapped in our address space too.  Take references of our own (a new
- * MERGE chunk per region) so the parent's exit cannot free them.  Lock
- * held by the caller. */
-void ds_merger_after_fork(ds_store *s) {
-    struct ds_merger *m = s->merger;
+/* ---- fork (called by refs.c's atfork handlers; order and locks in layout.h) ---- */
+
+void ds_merger_fork_prepare(ds_store *s) {
+    struct ds_merger *m = __atomic_load_n(&s->merger, __ATOMIC_ACQUIRE);
     if (!m) return;
-    pthread_mutex_init(&m->mu, NULL);       /* another thread may have held it */
-    if (m->pagemap_fd >= 0) close(m->pagemap_fd);
-    m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    __atomic_store_n(&m->fork_waiting, 1, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&m->mu);              /* windows open only under mu */
+    m->fork_locked = 1;
+}
+
+/* Caller holds hdr->lock (and, since fork_prepare, m->mu). */
+int ds_merger_fork_dup(ds_store *s, uint32_t child_slot) {
+    struct ds_merger *m = s->merger;
+    if (!m || !m->fork_locked) return 0;
+    m->fork_dup = -1;
     uint64_t merged = 0;
     for (region *r = m->head; r; r = r->next) {
-        memset(r->uffd, 0, r->npages);   /* registration stayed with the parent's address space */
+        r->fork_copy = 0;
+        if (!r->chunk) continue;
         uint32_t id = ds_chunk_alloc(s, sizeof(ds_pending) + 4ull * r->npages, DS_K_MERGE);
-        if (!id) {   /* no room: forget merges (pages stay mapped, unreferenced) */
-            r->chunk = 0;
-            continue;
+        if (!id) {
+            for (region *q = m->head; q != r; q = q->next) {     /* undo */
+                if (!q->fork_copy) continue;
+                ds_pending *mg = (ds_pending *)DS_CHUNK(s, q->fork_copy);
+                for (uint32_t i = 0; i < q->npages; i++)
+                    if (mg->pages[i] != DS_ZERO) ds_page_decref(s, mg->pages[i]);
+                s->hdr->mergeable_pages -= s->hdr->mergeable_pages >= q->npages ? q->npages : s->hdr->mergeable_pages;
+                ds_chunk_free(s, q->fork_copy);
+                q->fork_copy = 0;
+            }
+            return DS_EFULL;
         }
         ds_pending *mg = (ds_pending *)DS_CHUNK(s, id);
         mg->npages = r->npages;
         mg->size = (uint64_t)r->npages * DS_PAGE_SIZE;
-        mg->owner = s->slot;
+        mg->owner = child_slot;
+        /* r->merged, not the chunk: process memory that no other process
+         * can corrupt, and equal to it whenever no window is open */
         for (uint32_t i = 0; i < r->npages; i++) {
             mg->pages[i] = r->merged[i];
             if (r->merged[i] != DS_ZERO) { ds_page_incref(s, r->merged[i]); merged++; }
         }
-        r->chunk = id;
+        s->hdr->mergeable_pages += r->npages;
+        r->fork_copy = id;
     }
-    DS_CLIENT(s, s->slot)->merged_pages = merged;
+    DS_CLIENT(s, child_slot)->merged_pages = merged;
+    m->fork_dup = 1;
+    return 0;
 }
 
-int ds_merger_config(ds_store *s, uint32_t vma_budget) {
+void ds_merger_fork_parent(ds_store *s) {
+    struct ds_merger *m = s->merger;
+    if (!m || !m->fork_locked) return;
+    for (region *r = m->head; r; r = r->next) r->fork_copy = 0;
+    m->fork_dup = 0;
+    m->fork_locked = 0;
+    __atomic_store_n(&m->fork_waiting, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&m->mu);
+}
+
+void ds_merger_fork_child(ds_store *s) {
+    struct ds_merger *m = s->merger;
+    if (!m) return;
+    for (region *r = m->head; r; r = r->next) {
+        /* the parent's chunk is never ours: adopt our copy, or (no copy:
+         * the dup failed, or no slot -- then refs.c makes us an orphan)
+         * forget the merges: the scan skips the region */
+        r->chunk = r->fork_copy;
+        r->fork_copy = 0;
+        memset(r->uffd, 0, r->npages);   /* registration stayed with the parent's address space */
+    }
+    m->rereg = 1;                        /* with our own userfaultfd, at the next scan */
+    if (m->pagemap_fd >= 0) close(m->pagemap_fd);
+    m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    m->fork_dup = 0;
+    __atomic_store_n(&m->fork_waiting, 0, __ATOMIC_RELEASE);
+    if (m->fork_locked) {
+        m->fork_locked = 0;
+        pthread_mutex_unlock(&m->mu);    /* this thread took it in fork_prepare */
+    } else {
+        pthread_mutex_init(&m->mu, NULL);   /* created during the fork: not held */
+    }
+}
+
+
+int ds_merger_config_in(ds_store *s, uint32_t vma_budget) {
     struct ds_merger *m = merger_get(s);
     if (!m) return ENOMEM;
     m->vma_budget = vma_budget;
@@ -613,16 +520,20 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
 
     int reserved = npromote == 0 || ds_pool_reserve(s, fresh, npromote) == 0;
 
-    /* write-protect the batch: writers wait in the fault handler */
-    uintptr_t lo = (uintptr_t)base, hi = lo + (uint64_t)n * DS_PAGE_SIZE;
-    int slot = busy_set(lo, hi);
-    uint8_t sel[BATCH];
-    for (uint32_t i = 0; i < n; i++) sel[i] = act[i] != A_NONE;
-    wp_batch(r, first, n, sel, 1);
-    uint8_t ok[BATCH];
+    /* the merge window: from here until ds_wp_close no write lands in a
+     * selected page (wp.c); if it cannot be opened, the batch is dropped */
+    uint8_t sel[BATCH], ok[BATCH];
+    for (uint32_t i = 0; i < n; i++) {
+        sel[i] = act[i] != A_NONE;
+        ok[i] = 0;
+    }
+    ds_wp_window w;
+    if (ds_wp_open(&w, base, n, sel, r->uffd + first) != 0) {
+        m->wp_failures++;
+        goto bookkeeping;
+    }
     for (uint32_t i = 0; i < n; i++) {
         uint8_t *pg = base + (uint64_t)i * DS_PAGE_SIZE;
-        ok[i] = 0;
         if (act[i] == A_MERGE) {
             ok[i] = memcmp(pg, DS_POOL_RO(s, target[i]), DS_PAGE_SIZE) == 0;
         } else if (act[i] == A_PROMOTE && reserved) {
@@ -668,8 +579,8 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
             for (uint32_t k = i; k < j; k++) ok[k] = 0;
         } else {
             if (!extends) m->vmas += 2;
-            uint8_t reg = (uint8_t)uffd_register(base + (uint64_t)i * DS_PAGE_SIZE,
-                                                 (uint64_t)(j - i) * DS_PAGE_SIZE);
+            uint8_t reg = (uint8_t)ds_wp_uffd_register(base + (uint64_t)i * DS_PAGE_SIZE,
+                                                       (uint64_t)(j - i) * DS_PAGE_SIZE);
             for (uint32_t k = i; k < j; k++) {
                 sel[k] = 0;                  /* a fresh writable mapping now */
                 r->uffd[first + k] = reg;
@@ -677,10 +588,9 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
         }
         i = j;
     }
-    wp_batch(r, first, n, sel, 0);
-    busy_clear(slot);
+    ds_wp_close(&w, sel);
 
-    /* bookkeeping: failed merges give their reference back */
+bookkeeping:   /* failed merges give their reference back */
     rc = ds_lock(s);
     if (rc) return rc;
     mg = (ds_pending *)DS_CHUNK(s, r->chunk);
@@ -703,14 +613,20 @@ static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t firs
     return 0;
 }
 
-int ds_merge_scan(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
+int ds_merge_scan_in(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
     memset(out, 0, sizeof *out);
     struct ds_merger *m = s->merger;
     if (!m) return 0;
     uint64_t t0 = thread_cpu_ns();
     batchstat st = {0};
-    int rc = 0;
+    int rc = ds_wp_setup();                  /* a child of fork sets up its own uffd; not under mu */
+    if (rc) return rc;
     pthread_mutex_lock(&m->mu);
+    if (m->rereg && ds_wp_uffd_ready()) {    /* child of fork: register with our userfaultfd */
+        for (region *r = m->head; r; r = r->next)
+            memset(r->uffd, ds_wp_uffd_register(r->addr, (uint64_t)r->npages * DS_PAGE_SIZE), r->npages);
+        m->rereg = 0;
+    }
     uint64_t total = 0;
     for (region *r = m->head; r; r = r->next) total += r->npages;
     out->total_pages = total;
@@ -731,6 +647,14 @@ int ds_merge_scan(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
             m->cur_page += n;
             budget -= n;
             out->visited += n;
+            if (__atomic_load_n(&m->fork_waiting, __ATOMIC_ACQUIRE)) {
+                /* a fork waits for mu: let it have it between two batches
+                 * (no window open), so a fork waits one batch, not a pass */
+                pthread_mutex_unlock(&m->mu);
+                while (__atomic_load_n(&m->fork_waiting, __ATOMIC_ACQUIRE)) sched_yield();
+                pthread_mutex_lock(&m->mu);
+                if (m->cur != r) continue;   /* r released meanwhile: the cursor moved on */
+            }
         }
         if (m->cur_page >= r->npages || !r->chunk) {
             m->cur = r->next;
@@ -758,6 +682,7 @@ int ds_merge_scan(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
     out->skipped = st.skipped;
     uint64_t cpu = thread_cpu_ns() - t0;
     out->cpu_ns = cpu;
+    out->wp_failed = m->wp_failures;
     if (ds_lock(s) == 0) {
         s->hdr->pages_scanned += out->visited;     /* ksmd's meaning: pages walked */
         s->hdr->merger_cpu_ns += cpu;

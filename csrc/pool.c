@@ -121,8 +121,8 @@ int ds_pool_reserve(ds_store *s, const uint32_t *pages, uint32_t n) {
         if (pages[i] == DS_ZERO || bit_get(backed, pages[i])) { i++; continue; }
         uint32_t j = i + 1;
         while (j < n && pages[j] == pages[j - 1] + 1 && !bit_get(backed, pages[j])) j++;
-        if (fallocate(s->pool_fd, 0, (off_t)pages[i] * DS_PAGE_SIZE,
-                      (off_t)(j - i) * DS_PAGE_SIZE) != 0)
+        if (ds_fallocate(s->pool_fd, 0, (uint64_t)pages[i] * DS_PAGE_SIZE,
+                         (uint64_t)(j - i) * DS_PAGE_SIZE) != 0)
             return errno == ENOSPC ? DS_EFULL : errno;
         /* map them into our writable view in one go (cheaper than a fault
          * per page); harmless if the kernel lacks it */
@@ -173,8 +173,8 @@ static void page_free(ds_store *s, uint32_t page, int keep_warm) {
     } else if (keep_warm && h->warm_free < h->warm_pages) {
         h->warm_free++;
     } else {
-        fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                  (off_t)page * DS_PAGE_SIZE, DS_PAGE_SIZE);
+        ds_fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     (uint64_t)page * DS_PAGE_SIZE, DS_PAGE_SIZE);
         bit_clr(bm_backed(s), page);
     }
     if (page < h->alloc_hint) h->alloc_hint = page;

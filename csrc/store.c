@@ -2,9 +2,24 @@
  * store.c -- opening and creating stores, the lock, clients, garbage
  * collection of what dead processes left, crash recovery, statistics.
  *
- * Who may call: ds_open/ds_close/ds_gc/ds_stats_get/ds_clients/
- * ds_after_fork are public and take hdr->lock themselves.  ds_rebuild
- * runs with the lock held, right after a locker got EOWNERDEAD.
+ * Who may call: ds_open/ds_gc/ds_stats_get/ds_clients are public and take
+ * hdr->lock themselves.  ds_rebuild runs with the lock held, right after a
+ * locker got EOWNERDEAD.  ds_release_slot needs the lock; ds_teardown is
+ * refs.c's, when a closed handle's last reference goes.
+ *
+ * Liveness.  A client slot is alive while an OFD write lock on byte
+ * DS_LIVE_LOCK_BASE + slot of the index file is held (F_OFD_SETLK: owned
+ * by an open file description, dropped by the kernel when the last fd of
+ * it closes -- when the process dies).  gc asks F_OFD_GETLK; no pid, no
+ * /proc, so a client in another PID namespace sharing the directory (a
+ * container) is never taken for dead.  A slot is locked before its pid is
+ * written and its pid cleared before the lock is dropped.
+ *
+ * Files.  Created with O_EXCL | O_NOFOLLOW, mode 0600; an existing file is
+ * opened with O_NOFOLLOW and refused (EACCES) unless it is a regular file
+ * owned by the caller with no group/other permission bits.  create over a
+ * file that is not a store (wrong magic) fails with DS_ECORRUPT: it is
+ * never truncated.
  *
  * Creation is serialised with flock(LOCK_EX) on the index file; attachers
  * take LOCK_SH, so they see either no store or a fully initialised one.
@@ -35,7 +50,9 @@ uint64_t ds_now_s(void) {
     return (uint64_t)ts.tv_sec;
 }
 
-static uint64_t now_ns(void) {
+static int file_trusted(int fd);
+
+uint64_t ds_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
@@ -51,65 +68,56 @@ const char *ds_strerror(int rc) {
     case DS_ELIMIT: return "a fixed table of the store is full";
     case DS_EINVAL: return "invalid argument";
     case DS_ESTATE: return "object is in the wrong state for this call";
+    case DS_ECLOSED: return "the store handle was closed";
     default: return rc > 0 ? strerror(rc) : "unknown error";
     }
 }
 
 int ds_back(ds_store *s, uint64_t off, uint64_t len) {
     if (len == 0) return 0;
-    if (fallocate(s->index_fd, 0, (off_t)off, (off_t)len) != 0)
-        return errno == ENOSPC ? DS_EFULL : errno;
+    if (ds_fallocate(s->index_fd, 0, off, len) != 0) return errno == ENOSPC ? DS_EFULL : errno;
     return 0;
 }
 
-/* Visit every chunk of the heap (lock held).  'continue' is allowed. */
-#define FOR_CHUNKS(s, id, c)                                                   \
-    for (uint64_t id = 1, _n = 0; id < (s)->hdr->heap_top;                    \
-         id = _n > id ? _n : (s)->hdr->heap_top)                               \
-        for (ds_chunk *c = DS_CHUNK(s, id);                                    \
-             c && (_n = id + ds_class_bytes(c->cls) / DS_UNIT) > id; c = NULL)
-
 /* ---- clients ---- */
 
-static uint64_t proc_start_time(uint32_t pid) {
-    char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%u/stat", pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return 0;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return 0;
-    buf[n] = 0;
-    char *p = strrchr(buf, ')');
-    if (!p) return 0;
-    /* after ") " come fields 3.. ; starttime is field 22 */
-    int field = 2;
-    for (p++; *p && field < 22; p++)
-        if (*p == ' ') field++;
-    return strtoull(p, NULL, 10);
+int ds_slot_lock(int fd, uint32_t slot) {
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
+                       .l_start = (off_t)(DS_LIVE_LOCK_BASE + slot), .l_len = 1};
+    return fcntl(fd, F_OFD_SETLK, &fl) == 0 ? 0 : errno;
 }
 
-static int client_alive(const ds_client *c) {
-    if (c->pid == 0) return 0;
-    if (kill((pid_t)c->pid, 0) != 0 && errno == ESRCH) return 0;
-    uint64_t st = proc_start_time(c->pid);
-    return st != 0 && st == c->start_time;
+static void slot_unlock(int fd, uint32_t slot) {
+    struct flock fl = {.l_type = F_UNLCK, .l_whence = SEEK_SET,
+                       .l_start = (off_t)(DS_LIVE_LOCK_BASE + slot), .l_len = 1};
+    fcntl(fd, F_OFD_SETLK, &fl);
 }
 
+/* Another open file description holds slot's lock: its process lives.
+ * (Our own description's locks never conflict with us: never ask about
+ * our own slot.) */
+int ds_slot_alive(ds_store *s, uint32_t slot) {
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
+                       .l_start = (off_t)(DS_LIVE_LOCK_BASE + slot), .l_len = 1};
+    if (fcntl(s->index_fd, F_OFD_GETLK, &fl) != 0) return 1;   /* cannot tell: alive */
+    return fl.l_type != F_UNLCK;
+}
+
+/* Take a free slot and lock it (lock held). */
 static int client_register(ds_store *s) {
     ds_header *h = s->hdr;
-    uint64_t st = proc_start_time(s->pid);
     for (int pass = 0; pass < 2; pass++) {
         for (uint32_t i = 0; i < h->max_clients; i++) {
             ds_client *c = DS_CLIENT(s, i);
-            if (c->pid == 0) {
-                memset(c, 0, sizeof *c);
-                c->start_time = st;
-                c->attach_ns = now_ns();
-                c->pid = s->pid;
-                s->slot = i;
-                return 0;
-            }
+            if (c->pid != 0) continue;
+            int e = ds_slot_lock(s->index_fd, i);
+            if (e == EAGAIN || e == EACCES) continue;   /* a reservation in flight */
+            if (e) return e == EINVAL ? ENOTSUP : e;    /* no OFD locks here */
+            memset(c, 0, sizeof *c);
+            c->attach_ns = ds_now_ns();
+            c->pid = s->pid;
+            s->slot = i;
+            return 0;
         }
         ds_gcinfo gi;
         ds_unlock(s);
@@ -166,14 +174,18 @@ static int init_store(ds_store *s, uint64_t capacity, uint64_t warm_bytes,
 
     if (ftruncate(s->index_fd, (off_t)off) != 0) return errno;
     /* back the fixed part now: header, clients, bitmaps */
-    if (fallocate(s->index_fd, 0, 0, (off_t)pmeta_off) != 0 ||
-        fallocate(s->index_fd, 0, (off_t)used_off, (off_t)(bbk_off - used_off)) != 0)
-        return errno == ENOSPC ? DS_EFULL : errno;
+    int rc = ds_back(s, 0, pmeta_off);
+    if (!rc) rc = ds_back(s, used_off, bbk_off - used_off);
+    if (rc) return rc;
 
-    int pfd = open(pool_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (pfd < 0) return errno;
-    fchmod(pfd, 0600);
-    if (ftruncate(pfd, (off_t)(cap_pages * DS_PAGE_SIZE)) != 0) {
+    /* the pool file: new, or left by a creator of ours that died (we hold
+     * the index's LOCK_EX); a file that is not ours is refused */
+    int pfd = open(pool_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (pfd < 0 && errno == EEXIST) pfd = open(pool_path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (pfd < 0) return errno == ELOOP ? EACCES : errno;
+    int trust = file_trusted(pfd);
+    if (trust) { close(pfd); return trust; }
+    if (ftruncate(pfd, 0) != 0 || ftruncate(pfd, (off_t)(cap_pages * DS_PAGE_SIZE)) != 0) {
         int e = errno;
         close(pfd);
         return e;
@@ -267,6 +279,22 @@ static void unmap_all(ds_store *s) {
     if (s->pool_ro) munmap(s->pool_ro, s->pool_len);
     if (s->index_fd >= 0) close(s->index_fd);
     if (s->pool_fd >= 0) close(s->pool_fd);
+    free(s->index_path);
+}
+
+/* A file of a store must be a regular file of ours that nobody else may
+ * open: anything else was planted (or made by another user). */
+static int file_trusted(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return errno;
+    if (!S_ISREG(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077)) return EACCES;
+    return 0;
+}
+
+static int flock_retry(int fd, int op) {
+    while (flock(fd, op) != 0)
+        if (errno != EINTR) return errno;
+    return 0;
 }
 
 int ds_open(const char *index_path, const char *pool_path, int create,
@@ -277,25 +305,40 @@ int ds_open(const char *index_path, const char *pool_path, int create,
     if (!s) return ENOMEM;
     s->index_fd = s->pool_fd = -1;
     s->pid = (uint32_t)getpid();
+    s->index_path = strdup(index_path);
+    if (!s->index_path) { free(s); return ENOMEM; }
 
-    int flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0);
-    s->index_fd = open(index_path, flags, 0600);
-    if (s->index_fd < 0) { rc = errno; goto fail; }
+    /* Create with O_EXCL; an existing file is opened without following
+     * links and must be ours (never adopted, never truncated otherwise). */
+    int flags = O_RDWR | O_CLOEXEC | O_NOFOLLOW;
+    s->index_fd = create ? open(index_path, flags | O_CREAT | O_EXCL, 0600) : -1;
+    if (s->index_fd < 0 && (!create || errno == EEXIST))
+        s->index_fd = open(index_path, flags);
+    if (s->index_fd < 0) { rc = errno == ELOOP ? EACCES : errno; goto fail; }
+    if ((rc = file_trusted(s->index_fd))) goto fail;
     struct stat st;
-    if (flock(s->index_fd, create ? LOCK_EX : LOCK_SH) != 0) { rc = errno; goto fail; }
+    if ((rc = flock_retry(s->index_fd, create ? LOCK_EX : LOCK_SH))) goto fail;
     if (fstat(s->index_fd, &st) != 0) { rc = errno; goto fail_unlock; }
     if (create) {
-        fchmod(s->index_fd, 0600);
         int fresh = (uint64_t)st.st_size < sizeof(ds_header);
         if (!fresh) {
             ds_header probe;
             if (pread(s->index_fd, &probe, sizeof probe, 0) != (ssize_t)sizeof probe) { rc = EIO; goto fail_unlock; }
-            fresh = probe.magic != DS_MAGIC || probe.state != DS_ST_READY;
+            /* magic 0: a creator died before it finished (init writes the
+             * magic last); any other content is not a store of ours to reuse */
+            if (probe.magic != DS_MAGIC && probe.magic != 0) { rc = DS_ECORRUPT; goto fail_unlock; }
+            fresh = probe.magic == 0 || probe.state != DS_ST_READY;
         }
         if (fresh) {
             if (ftruncate(s->index_fd, 0) != 0) { rc = errno; goto fail_unlock; }
             rc = init_store(s, capacity, warm_bytes, transit_ttl, pool_path);
-            if (rc) { ftruncate(s->index_fd, 0); goto fail_unlock; }
+            if (rc) {
+                /* leave nothing behind (we hold LOCK_EX; there was no store) */
+                if (s->ix) { munmap(s->ix, s->ix_len); s->ix = NULL; }
+                unlink(index_path);
+                if (rc != EACCES) unlink(pool_path);   /* a refused pool file is not ours */
+                goto fail_unlock;
+            }
             munmap(s->ix, s->ix_len);
             s->ix = NULL;
             close(s->pool_fd);
@@ -318,7 +361,8 @@ int ds_open(const char *index_path, const char *pool_path, int create,
     if (s->ix_ro == MAP_FAILED) { s->ix_ro = NULL; rc = errno; goto fail; }
 
     s->pool_fd = open(pool_path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
-    if (s->pool_fd < 0) { rc = errno == ENOENT ? DS_ECORRUPT : errno; goto fail; }
+    if (s->pool_fd < 0) { rc = errno == ENOENT ? DS_ECORRUPT : errno == ELOOP ? EACCES : errno; goto fail; }
+    if ((rc = file_trusted(s->pool_fd))) goto fail;
     if (fstat(s->pool_fd, &st) != 0) { rc = errno; goto fail; }
     s->pool_len = (uint64_t)s->hdr->cap_pages * DS_PAGE_SIZE;
     if ((uint64_t)st.st_size != s->pool_len) { rc = DS_ECORRUPT; goto fail; }
@@ -328,14 +372,22 @@ int ds_open(const char *index_path, const char *pool_path, int create,
     if (s->pool_ro == MAP_FAILED) { s->pool_ro = NULL; rc = errno; goto fail; }
 
     ds_hash_init(s);
+    pthread_mutex_init(&s->pin_mu, NULL);
+    s->refs = 1;
+    s->fork_fd = -1;
+    s->fork_slot = DS_NIL;
     rc = ds_lock(s);
-    if (rc) goto fail;
+    if (rc) goto fail_mu;
     rc = client_register(s);
     ds_unlock(s);
-    if (rc) goto fail;
+    if (rc) goto fail_mu;
+    ds_refs_add(s);
     *out = s;
     return 0;
 
+fail_mu:
+    pthread_mutex_destroy(&s->pin_mu);
+    goto fail;
 fail_unlock:
     flock(s->index_fd, LOCK_UN);
 fail:
@@ -346,23 +398,31 @@ fail:
 
 void ds_uuid(ds_store *s, uint8_t out[16]) { memcpy(out, s->hdr->uuid, 16); }
 
-/* Release every handle owned by 'slot' and every object it was still
- * creating.  Lock held.  Returns the number of handles released. */
-static uint32_t release_client(ds_store *s, uint32_t slot, uint32_t *objs) {
+/* Release everything the clients in 'dead' (a bitmap of slots) hold --
+ * handles, objects they were creating, merge records -- and, if 'ttl_now'
+ * is not 0, transit handles older than the TTL, in one walk of the heap;
+ * then free their slots.  Lock held. */
+static void release_clients(ds_store *s, const uint64_t *dead, uint64_t ttl_now, ds_gcinfo *gi) {
     ds_header *h = s->hdr;
-    uint32_t n = 0, o = 0;
-    FOR_CHUNKS(s, id, c) {
-        if (c->kind == DS_K_HANDLE && ((ds_handle *)c)->owner == slot) {
-            uint32_t obj = ((ds_handle *)c)->obj;
+#define DEAD(slot) ((slot) < h->max_clients && (dead[(slot) >> 6] >> ((slot) & 63) & 1))
+    DS_FOR_CHUNKS(s, id, c) {
+        if (c->kind == DS_K_HANDLE) {
+            ds_handle *hd = (ds_handle *)c;
+            int expired = ttl_now && hd->owner == DS_TRANSIT_OWNER &&
+                          hd->stamp + h->transit_ttl <= ttl_now;
+            if (!expired && !DEAD(hd->owner)) continue;
+            uint32_t obj = hd->obj;
+            if (hd->owner == DS_TRANSIT_OWNER) h->transit--;
             ds_chunk_free(s, (uint32_t)id);
             h->handles--;
             ds_object_decref(s, obj);
-            n++;
+            if (expired) gi->transit_expired++;
+            else gi->handles_released++;
         } else if (c->kind == DS_K_OBJECT && ((ds_object *)c)->state == DS_OBJ_CREATED &&
-                   ((ds_object *)c)->owner == slot) {
+                   DEAD(((ds_object *)c)->owner)) {
             ds_object_free(s, (uint32_t)id);
-            o++;
-        } else if (c->kind == DS_K_MERGE && ((ds_pending *)c)->owner == slot) {
+            gi->objects_reclaimed++;
+        } else if (c->kind == DS_K_MERGE && DEAD(((ds_pending *)c)->owner)) {
             ds_pending *mg = (ds_pending *)c;
             for (uint32_t k = 0, n = ds_list_len(mg); k < n; k++)
                 if (mg->pages[k] != DS_ZERO) ds_page_decref(s, mg->pages[k]);
@@ -370,33 +430,31 @@ static uint32_t release_client(ds_store *s, uint32_t slot, uint32_t *objs) {
             ds_chunk_free(s, (uint32_t)id);
         }
     }
-    if (objs) *objs += o;
-    return n;
+    for (uint32_t i = 0; i < h->max_clients; i++)
+        if (DEAD(i)) memset(DS_CLIENT(s, i), 0, sizeof(ds_client));
+#undef DEAD
 }
 
-void ds_close(ds_store *s) {
-    if (!s) return;
-    ds_merger_close(s);
-    if (s->pid == (uint32_t)getpid() && ds_lock(s) == 0) {
-        ds_client *c = DS_CLIENT(s, s->slot);
-        if (c->pid == s->pid) {
-            release_client(s, s->slot, NULL);
-            memset(c, 0, sizeof *c);
-        }
+void ds_release_slot(ds_store *s, uint32_t slot) {
+    uint64_t dead[DS_MAX_CLIENTS / 64] = {0};
+    ds_gcinfo gi = {0};
+    if (slot >= DS_MAX_CLIENTS) return;
+    dead[slot >> 6] |= 1ull << (slot & 63);
+    release_clients(s, dead, 0, &gi);
+}
+
+/* Last reference to the handle gone (refs.c): give back the slot and
+ * everything it holds, then the mappings. */
+void ds_teardown(ds_store *s) {
+    if (!s->orphan && s->pid == (uint32_t)getpid() && ds_lock(s) == 0) {
+        if (DS_CLIENT(s, s->slot)->pid != 0) ds_release_slot(s, s->slot);
         ds_unlock(s);
+        slot_unlock(s->index_fd, s->slot);
     }
     unmap_all(s);
+    free(s->pins);
+    pthread_mutex_destroy(&s->pin_mu);
     free(s);
-}
-
-int ds_after_fork(ds_store *s) {
-    s->pid = (uint32_t)getpid();
-    int rc = ds_lock(s);
-    if (rc) return rc;
-    rc = client_register(s);
-    if (rc == 0) ds_merger_after_fork(s);   /* our own references to merged pages */
-    ds_unlock(s);
-    return rc;
 }
 
 /* ---- gc ---- */
@@ -404,43 +462,50 @@ int ds_after_fork(ds_store *s) {
 int ds_gc(ds_store *s, ds_gcinfo *out) {
     ds_header *h = s->hdr;
     memset(out, 0, sizeof *out);
-    int rc = ds_lock(s);
+    int rc = ds_enter(s);
     if (rc) return rc;
+    if ((rc = ds_lock(s))) { ds_leave(s); return rc; }
+    uint64_t dead[DS_MAX_CLIENTS / 64] = {0};
     for (uint32_t i = 0; i < h->max_clients; i++) {
         ds_client *c = DS_CLIENT(s, i);
-        if (c->pid == 0 || i == s->slot) continue;
-        if (!client_alive(c)) {
-            out->handles_released += release_client(s, i, &out->objects_reclaimed);
-            memset(c, 0, sizeof *c);
-            out->dead_clients++;
-            h->reaped_clients++;
-        }
+        if (c->pid == 0 || i == s->slot || ds_slot_alive(s, i)) continue;
+        dead[i >> 6] |= 1ull << (i & 63);
+        out->dead_clients++;
     }
     uint64_t now = ds_now_s();
     uint64_t every = h->transit_ttl / 8 < 60 ? h->transit_ttl / 8 : 60;
-    if (h->transit && now >= h->transit_walk + every) {   /* a heap walk: not on every gc */
-        h->transit_walk = now;
-        FOR_CHUNKS(s, id, c) {
-            ds_handle *hd = (ds_handle *)c;
-            if (c->kind == DS_K_HANDLE && hd->owner == DS_TRANSIT_OWNER &&
-                hd->stamp + h->transit_ttl <= now) {
-                uint32_t obj = hd->obj;
-                ds_chunk_free(s, (uint32_t)id);
-                h->handles--;
-                h->transit--;
-                ds_object_decref(s, obj);
-                out->transit_expired++;
-            }
-        }
-    }
+    int transit_due = h->transit && now >= h->transit_walk + every;   /* not on every gc */
+    if (transit_due) h->transit_walk = now;
+    if (out->dead_clients || transit_due)
+        release_clients(s, dead, transit_due ? now : 0, out);
+    h->reaped_clients += out->dead_clients;
     h->gc_runs++;
     ds_unlock(s);
+    ds_leave(s);
     return 0;
 }
 
+void ds_client_self(ds_store *s, uint32_t *slot, uint64_t *attach_ns) {
+    *slot = s->slot;
+    *attach_ns = __atomic_load_n(&DS_CLIENT(s, s->slot)->attach_ns, __ATOMIC_RELAXED);
+}
+
+int ds_client_alive(ds_store *s, uint32_t slot, uint64_t attach_ns) {
+    if (slot >= DS_MAX_CLIENTS || ds_enter(s)) return 0;
+    int alive = 0;
+    if (ds_lock(s) == 0) {
+        ds_client *c = DS_CLIENT(s, slot);
+        alive = c->pid != 0 && c->attach_ns == attach_ns && (slot == s->slot || ds_slot_alive(s, slot));
+        ds_unlock(s);
+    }
+    ds_leave(s);
+    return alive;
+}
+
 int ds_clients(ds_store *s, ds_clientinfo *out, uint32_t n, uint32_t *count) {
-    int rc = ds_lock(s);
+    int rc = ds_enter(s);
     if (rc) return rc;
+    if ((rc = ds_lock(s))) { ds_leave(s); return rc; }
     uint32_t k = 0;
     for (uint32_t i = 0; i < s->hdr->max_clients && k < n; i++) {
         ds_client *c = DS_CLIENT(s, i);
@@ -453,14 +518,16 @@ int ds_clients(ds_store *s, ds_clientinfo *out, uint32_t n, uint32_t *count) {
         k++;
     }
     ds_unlock(s);
+    ds_leave(s);
     *count = k;
     return 0;
 }
 
 int ds_stats_get(ds_store *s, ds_stats *o) {
     ds_header *h = s->hdr;
-    int rc = ds_lock(s);
+    int rc = ds_enter(s);
     if (rc) return rc;
+    if ((rc = ds_lock(s))) { ds_leave(s); return rc; }
     o->capacity = h->capacity;
     o->objects = h->objects;
     o->keys = h->keys;
@@ -493,6 +560,7 @@ int ds_stats_get(ds_store *s, ds_stats *o) {
     o->pages_scanned = h->pages_scanned;
     o->merger_cpu_ns = h->merger_cpu_ns;
     ds_unlock(s);
+    ds_leave(s);
     return 0;
 }
 
@@ -509,11 +577,6 @@ int ds_stats_get(ds_store *s, ds_stats *o) {
  *  5. orphans (unreferenced blobs, pending lists, dangling handles, sealed
  *     objects nobody references) are freed.
  */
-static int valid_chunk(ds_store *s, uint64_t id, uint8_t kind) {
-    return id >= 1 && id < s->hdr->heap_top && DS_CHUNK(s, id)->kind == kind &&
-           DS_CHUNK(s, id)->cls < DS_NCLASSES;
-}
-
 static void ds_rebuild(ds_store *s) {
     ds_header *h = s->hdr;
     ds_heap_rebuild_free(s);
@@ -534,12 +597,12 @@ static void ds_rebuild(ds_store *s) {
     for (uint32_t i = 0; i < h->max_clients; i++) DS_CLIENT(s, i)->handles = 0;
 
     /* pass 0: zero chunk refcounts */
-    FOR_CHUNKS(s, id, c) { c->refcnt = 0; }
+    DS_FOR_CHUNKS(s, id, c) { c->refcnt = 0; }
     /* pass 1: handles and key bindings count on objects */
-    FOR_CHUNKS(s, id, c) {
+    DS_FOR_CHUNKS(s, id, c) {
         if (c->kind == DS_K_HANDLE) {
             ds_handle *hd = (ds_handle *)c;
-            ds_object *o = valid_chunk(s, hd->obj, DS_K_OBJECT) ? (ds_object *)DS_CHUNK(s, hd->obj) : NULL;
+            ds_object *o = ds_chunk_get(s, hd->obj, DS_K_OBJECT) ? (ds_object *)DS_CHUNK(s, hd->obj) : NULL;
             if (!o || o->gen != hd->gen || o->state != DS_OBJ_SEALED ||
                 (hd->owner != DS_TRANSIT_OWNER && hd->owner >= h->max_clients)) {
                 ds_chunk_free(s, (uint32_t)id);
@@ -555,10 +618,10 @@ static void ds_rebuild(ds_store *s) {
         }
     }
     /* pass 2: objects count on blobs / pending lists; keys are indexed */
-    FOR_CHUNKS(s, id, c) {
+    DS_FOR_CHUNKS(s, id, c) {
         if (c->kind != DS_K_OBJECT) continue;
         ds_object *o = (ds_object *)c;
-        if (o->state == DS_OBJ_SEALED && valid_chunk(s, o->blob, DS_K_BLOB)) {
+        if (o->state == DS_OBJ_SEALED && ds_chunk_get(s, o->blob, DS_K_BLOB)) {
             DS_CHUNK(s, o->blob)->refcnt++;
             h->objects++;
             h->logical_bytes += o->size;
@@ -582,7 +645,7 @@ static void ds_rebuild(ds_store *s) {
                 h->keys++;
             }
         } else if (o->state == DS_OBJ_CREATED) {
-            if (o->blob && valid_chunk(s, o->blob, DS_K_PENDING)) DS_CHUNK(s, o->blob)->refcnt = 1;
+            if (o->blob && ds_chunk_get(s, o->blob, DS_K_PENDING)) DS_CHUNK(s, o->blob)->refcnt = 1;
             else o->blob = 0;
         } else {
             o->state = DS_OBJ_CREATED;   /* torn: let gc reclaim it */
@@ -590,7 +653,7 @@ static void ds_rebuild(ds_store *s) {
         }
     }
     /* pass 3: blobs and pending lists count on pages */
-    FOR_CHUNKS(s, id, c) {
+    DS_FOR_CHUNKS(s, id, c) {
         if (c->kind == DS_K_BLOB) {
             ds_blob *b = (ds_blob *)c;
             if (b->h.refcnt == 0) { ds_chunk_free(s, (uint32_t)id); continue; }
@@ -645,8 +708,8 @@ static void ds_rebuild(ds_store *s) {
             if (backed[p >> 6] & bit) {
                 if (h->warm_free < h->warm_pages) h->warm_free++;
                 else {
-                    fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                              (off_t)p * DS_PAGE_SIZE, DS_PAGE_SIZE);
+                    ds_fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                 (uint64_t)p * DS_PAGE_SIZE, DS_PAGE_SIZE);
                     backed[p >> 6] &= ~bit;
                 }
             }
@@ -654,7 +717,7 @@ static void ds_rebuild(ds_store *s) {
     }
     h->alloc_hint = 0;
     /* sealed objects nobody references any more */
-    FOR_CHUNKS(s, id, c) {
+    DS_FOR_CHUNKS(s, id, c) {
         if (c->kind == DS_K_OBJECT && ((ds_object *)c)->state == DS_OBJ_SEALED && c->refcnt == 0)
             ds_object_free(s, (uint32_t)id);
     }

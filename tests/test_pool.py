@@ -113,7 +113,12 @@ def test_pool_api_is_multiprocessing_pools(tstore):
         with pytest.raises(ValueError, match="bad 3"):
             pool.apply(boom, (3,))
         errs = []
-        pool.apply_async(boom, (4,), error_callback=errs.append).wait(30)
+        ar4 = pool.apply_async(boom, (4,), error_callback=errs.append)
+        ar4.wait(30)
+        assert ar4.ready() and not ar4.successful()
+        assert len(errs) == 1 and isinstance(errs[0], ValueError) and "bad 4" in str(errs[0])
+        with pytest.raises(ValueError, match="bad 4"):
+            ar4.get(0)
         # objects inside arbitrary picklable objects travel too
         assert pool.apply(holder_sum, (Holder(big),)) == (big.sum(), False)
         pool.close()
@@ -158,9 +163,10 @@ def test_pool_spawn_context(tstore):
         assert float(pool.apply(echo, (big,)).sum()) == big.sum()
 
 
-def test_pool_terminate_then_gc_frees(tstore):
+def test_pool_terminate_then_gc_frees(make_store):
+    s = make_store(capacity="256MiB", transit_ttl=1)
     big = np.ones(1 << 17)
-    pool = Pool(1, store=tstore, min_nbytes=MIN, context=FORK)
+    pool = Pool(1, store=s, min_nbytes=MIN, context=FORK)
     try:
         pool.map_async(slow, [0.5] * 3)
         r = pool.apply_async(echo, (big,))
@@ -170,9 +176,15 @@ def test_pool_terminate_then_gc_frees(tstore):
         pool.join()
     del r
     gc.collect()
-    # the unclaimed message's reference stays until its transit TTL: still
-    # reachable, never leaked into a dead process's name
-    assert tstore.stats()["objects"] <= 1
+    # the unclaimed message's reference keeps its value until the transit
+    # TTL: still reachable, never leaked into a dead process's name ...
+    assert s.stats()["objects"] == 1
+    # ... and gc frees it once the TTL is over
+    deadline = time.monotonic() + 30
+    while s.stats()["objects"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        s.gc()
+    assert s.stats()["objects"] == 0
 
 
 def test_bad_arguments(tstore):
@@ -253,3 +265,18 @@ def test_import_dedupshm_never_imports_torch():
     code = ("import sys, dedupshm, dedupshm.pool, dedupshm.sequence, dedupshm.server; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_queue_follows_a_store_created_anew_under_the_same_name(make_store):
+    old = make_store(capacity="64MiB")
+    q_old = Queue(store=old, min_nbytes=MIN, ctx=FORK)         # registers `old` by name
+    old.unlink()                                               # `old` stays open
+    new = make_store(old.name, capacity="64MiB")
+    q = Queue(store=new, min_nbytes=MIN, ctx=FORK)
+    q.put(np.full(1 << 17, 5.0))
+    got = q.get(timeout=10)
+    assert in_store(got, new.name) and got[0] == 5.0
+    del got
+    for x in (q, q_old):
+        x.close()
+        x.join_thread()

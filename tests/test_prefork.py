@@ -12,7 +12,7 @@ import pytest
 
 import dedupshm
 from helpers import in_store
-from dedupshm.server import _marker_key, _me, load_mergeable, shared_load
+from dedupshm.server import _marker_key, load_mergeable, shared_load
 
 FORK = mp.get_context("fork")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -105,7 +105,7 @@ def test_loader_raises_then_next_loads(tstore):
 
 
 def test_waiter_times_out_while_a_live_loader_holds(tstore):
-    tstore.put(_me(), key=_marker_key("w"))      # "this process is loading it"
+    tstore.put(tstore._c().identity(), key=_marker_key("w"))   # "this process is loading it"
     q = FORK.Queue()
 
     def wait_for_it():
@@ -120,6 +120,12 @@ def test_waiter_times_out_while_a_live_loader_holds(tstore):
         assert q.get(timeout=30) == "timeout"
     finally:
         _reap([p])
+
+
+def test_waiter_takes_over_from_a_dead_loader(tstore):
+    """A marker naming a client that is gone (here: never was) is stale."""
+    tstore.put(b"4095:1", key=_marker_key("w"))
+    assert shared_load(tstore, "w", lambda: b"v" * 10, timeout=5) == b"v" * 10
 
 
 def _mergeable_worker(name, q, stop):

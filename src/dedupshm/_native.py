@@ -6,8 +6,9 @@ counted here), and the making of views.  Everything else in the package
 goes through it.  The GIL is released in every C call (cffi API mode).
 """
 import errno
+import functools
 import os
-import threading
+import stat
 import weakref
 
 from . import errors
@@ -21,6 +22,7 @@ _ERRORS = {
     lib.DS_ELIMIT: errors.StoreLimitError,
     lib.DS_EINVAL: ValueError,
     lib.DS_ESTATE: errors.DedupShmError,
+    lib.DS_ECLOSED: errors.StoreClosedError,
 }
 
 SMALL_MAX = lib.DS_SMALL_MAX
@@ -53,50 +55,73 @@ def hash_impl():
     return ffi.string(lib.ds_hash_impl()).decode()
 
 
-def holder_view(holder, nbytes):
-    """A writable memoryview over a mapping owned by ``holder``."""
-    return memoryview(ffi.buffer(holder, nbytes))
+def _untrusted_file(*paths):
+    """The first of ``paths`` that is not a regular file of ours, mode 0600."""
+    for p in paths:
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return p
+    return paths[0]
 
 
-_live_cores = weakref.WeakSet()
+def _untrusted_reason(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "permission denied"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (refusing to follow or adopt it)"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by this user"
+    if st.st_mode & 0o077:
+        return f"mode {stat.S_IMODE(st.st_mode):04o} lets others in (a store's files are 0600)"
+    return "permission denied"
 
 
-def _after_fork_in_child():
-    for core in list(_live_cores):
-        core._after_fork()
+def _view_cell():
+    """An empty view cell; collected, the C core releases what it holds."""
+    return ffi.gc(ffi.new("ds_viewinfo *"), lib.ds_view_drop)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _Scratch(threading.local):
-    """Per-thread output cells for C calls (saves allocating them per call)."""
-
-    def __init__(self):
-        self.obj = ffi.new("uint32_t *")
-        self.gen = ffi.new("uint64_t *")
-        self.h = ffi.new("uint32_t *")
-        self.vi = ffi.new("ds_viewinfo *")
-
-
-_scratch = _Scratch()
+def _owner_of(vi):
+    """A pointer to vi's data whose collection releases the view (and which
+    keeps the cell alive till then), with no Python code in between."""
+    return ffi.gc(ffi.cast("uint8_t *", vi.data), functools.partial(lib.ds_view_drop_at, vi),
+                  size=vi.map_len)
 
 
 class Core:
-    """One process's attachment to a store.  Thread-safe.
+    """One process's attachment to a store.  Thread-safe and fork-safe.
+
+    The references this process holds live in the C core (csrc/refs.c),
+    which also makes a forked child a client of its own, holding all of
+    them, before fork() returns.  Python owns references through *cells*
+    (``ds_ref`` for an ObjectRef, ``ds_viewinfo`` for a view or a create
+    buffer) allocated before the C call that fills them; releasing a cell
+    is idempotent.  So a KeyboardInterrupt landing anywhere leaves every
+    reference owned by a live Python object, or released.
 
     Lives while any Store, ObjectRef or view of it does; then the
-    attachment is closed and this process's remaining references are
-    released (weakref.finalize)."""
+    attachment is closed (weakref.finalize).  Cells that outlive the close
+    keep what they hold until they are released."""
 
     def __init__(self, index_path, pool_path, create, capacity, warm_bytes, transit_ttl):
-        out = ffi.new("ds_store **")
+        # the cell closes the handle when collected: an interrupt between
+        # ds_open and the finalizer below cannot leak the attachment
+        out = ffi.gc(ffi.new("ds_store **"), lib.ds_close_at)
         rc = lib.ds_open(os.fsencode(index_path), os.fsencode(pool_path), int(create),
                          capacity, warm_bytes, transit_ttl, out)
         if rc == errno.ENOENT:
             raise FileNotFoundError(errno.ENOENT, "no such store", index_path)
         if rc == errno.EACCES or rc == errno.EPERM:
-            raise PermissionError(rc, "store belongs to another user", index_path)
+            bad = _untrusted_file(index_path, pool_path)
+            raise PermissionError(rc, f"refusing the store's file: {_untrusted_reason(bad)}", bad)
+        if rc == lib.DS_ECORRUPT and create:
+            raise errors.CorruptStoreError(
+                f"{index_path}: exists and is not a dedupshm store (refusing to overwrite it)")
         check(rc, index_path)
         self._s = out[0]
         self.index_path = index_path
@@ -104,165 +129,105 @@ class Core:
         self.ino = os.stat(index_path).st_ino
         uuid = ffi.new("uint8_t[16]")
         lib.ds_uuid(self._s, uuid)
-        self.uuid = bytes(ffi.buffer(uuid, 16))
-        self._held = {}                   # (obj, gen) -> [handle, count]
-        self._lock = threading.RLock()
-        self._finalizer = weakref.finalize(self, lib.ds_close, self._s)
-        _live_cores.add(self)
+        self.uuid = bytes(uuid)
+        self._cell = out
+        self._finalizer = weakref.finalize(self, lib.ds_close_at, out)
 
     # ---- references ----------------------------------------------------
-    def _after_fork(self):
-        """Child of fork(): become a client of our own and re-take every
-        reference the parent held on our behalf (refs and views we
-        inherited)."""
-        self._lock = threading.RLock()
-        check(lib.ds_after_fork(self._s), "after fork")
-        h = ffi.new("uint32_t *")
-        for (obj, gen), entry in list(self._held.items()):
-            if lib.ds_acquire(self._s, obj, gen, h) == 0:
-                entry[0] = h[0]
-            else:
-                del self._held[(obj, gen)]
+    @staticmethod
+    def new_ref():
+        """An empty reference cell (filled by put/pin/claim).  When it is
+        collected, the C core releases what it holds: no Python code runs
+        in between, so no KeyboardInterrupt can come in the way."""
+        return ffi.gc(ffi.new("ds_ref *"), lib.ds_ref_drop)
 
-    def hold(self, obj, gen, handle):
-        """Register a fresh shared handle (from put/acquire/claim) with one count."""
-        with self._lock:
-            entry = self._held.get((obj, gen))
-            if entry is None:
-                self._held[(obj, gen)] = [handle, 1]
-                return
-            entry[1] += 1
-        lib.ds_release(self._s, handle)       # we had one already
+    def pin(self, obj, gen, cell):
+        """Fill ``cell`` with one more reference on (obj, gen).  KeyError if
+        the object is gone and this process does not hold it."""
+        check(lib.ds_ref_pin(self._s, obj, gen, cell), "object")
 
-    def pin(self, obj, gen):
-        """Take one more local count on (obj, gen); acquire a shared handle
-        if this process holds none.  KeyError if the object is gone."""
-        with self._lock:
-            entry = self._held.get((obj, gen))
-            if entry is not None:
-                entry[1] += 1
-                return
-            h = _scratch.h
-            check(lib.ds_acquire(self._s, obj, gen, h), "object")
-            self._held[(obj, gen)] = [h[0], 1]
-
-    def unpin(self, obj, gen):
-        with self._lock:
-            entry = self._held.get((obj, gen))
-            if entry is None:
-                return
-            entry[1] -= 1
-            if entry[1] > 0:
-                return
-            del self._held[(obj, gen)]
-        if self._finalizer.alive:
-            lib.ds_release(self._s, entry[0])
+    def alive(self, obj, gen):
+        """True if (obj, gen) is stored, sealed and not deleted."""
+        rc = lib.ds_ref_alive(self._s, obj, gen)
+        if rc == lib.DS_ENOTFOUND:
+            return False
+        check(rc, "object")
+        return True
 
     def transit(self, obj, gen):
         tok = ffi.new("uint64_t *")
         rc = lib.ds_transit(self._s, obj, gen, tok)
         return tok[0] if rc == 0 else None
 
-    def claim(self, token, obj, gen):
-        """Take over the reference a pickled ObjectRef carried; if it was
-        claimed already, take a new one.  Returns False if the object is
-        gone."""
-        h = ffi.new("uint32_t *")
-        if token is not None and lib.ds_claim(self._s, token, obj, gen, h) == 0:
-            self.hold(obj, gen, h[0])
-            return True
-        try:
-            self.pin(obj, gen)
-            return True
-        except KeyError:
+    def claim(self, token, obj, gen, cell):
+        """Take over the reference a pickled ObjectRef carried -- or pin the
+        object anew -- into ``cell``.  False if the object is gone."""
+        rc = lib.ds_ref_claim(self._s, token or 0, obj, gen, cell)
+        if rc == lib.DS_ENOTFOUND:
             return False
+        check(rc, "object")
+        return True
 
     # ---- values ----------------------------------------------------------
-    def put(self, key, desc, bufs, nodedup):
+    def put(self, key, desc, bufs, nodedup, cell):
+        """Store a value; ``cell`` receives the caller's reference."""
         n = len(bufs)
         iov = ffi.new("ds_iov[]", max(n, 1))
         keep = [ffi.from_buffer("char[]", b) for b in bufs]   # alive during the call
         for i, p in enumerate(keep):
             iov[i].base = p
             iov[i].len = len(p)
-        sc = _scratch
-        obj, gen, h = sc.obj, sc.gen, sc.h
-        rc = lib.ds_put(self._s, key if key is not None else ffi.NULL,
-                        len(key) if key is not None else 0,
-                        desc, len(desc), iov, n, lib.DS_NODEDUP if nodedup else 0,
-                        obj, gen, h)
+        rc = lib.ds_put_ref(self._s, key if key is not None else ffi.NULL,
+                            len(key) if key is not None else 0,
+                            desc, len(desc), iov, n, lib.DS_NODEDUP if nodedup else 0, cell)
         check(rc, "put")
-        self.hold(obj[0], gen[0], h[0])
-        return obj[0], gen[0]
 
     def create(self, key, nbytes):
-        """Begin a writable object.  Returns (obj, gen, holder, address);
-        the holder owns the mapping (unmapped when it is collected)."""
-        obj = ffi.new("uint32_t *")
-        gen = ffi.new("uint64_t *")
-        data = ffi.new("uint8_t **")
-        check(lib.ds_create(self._s, key, len(key), nbytes, obj, gen, data), "create")
-        npages = (nbytes + PAGE_SIZE - 1) // PAGE_SIZE
-        state = {"pinned": False}
-        o, g = obj[0], gen[0]
+        """Begin a writable object.  Returns (cell, memoryview of the
+        zero-filled buffer); the buffer keeps the cell alive."""
+        vi = _view_cell()
+        check(lib.ds_create_open(self._s, key, len(key), nbytes, vi), "create")
+        return vi, memoryview(ffi.buffer(_owner_of(vi), nbytes))
 
-        def release(p, core=self, state=state, length=npages * PAGE_SIZE):
-            lib.ds_unmap(p, length)
-            if state["pinned"]:
-                core.unpin(o, g)
+    def commit(self, vi, desc):
+        check(lib.ds_create_commit(self._s, vi, desc, len(desc)), "commit")
 
-        holder = ffi.gc(data[0], release, size=npages * PAGE_SIZE)
-        return o, g, holder, state
-
-    def commit(self, obj, gen, desc, holder, state):
-        h = ffi.new("uint32_t *")
-        check(lib.ds_commit(self._s, obj, gen, desc, len(desc), holder, h), "commit")
-        self.hold(obj, gen, h[0])
-        with self._lock:
-            self._held[(obj, gen)][1] += 1      # one count for the holder
-            state["pinned"] = True
-        self.unpin(obj, gen)                    # put's own count: caller has no ref
-
-    def abort(self, obj, gen, holder):
-        lib.ds_abort(self._s, obj, gen, holder)
+    def abort(self, vi):
+        lib.ds_create_abort(self._s, vi)
 
     def lookup(self, key):
-        obj, gen = _scratch.obj, _scratch.gen
+        obj, gen = ffi.new("uint32_t *"), ffi.new("uint64_t *")
         rc = lib.ds_lookup(self._s, key, len(key), obj, gen)
         if rc == lib.DS_ENOTFOUND:
             return None
         check(rc, "lookup")
         return obj[0], gen[0]
 
-    def view(self, obj, gen, writable):
-        """Map a pinned object.  Returns (descriptor, [buffer memoryviews]);
-        the buffers keep the pin until they are all released."""
-        vi = _scratch.vi
-        check(lib.ds_view(self._s, obj, gen, int(writable), vi), "view")
+    def view(self, obj, gen, writable, key=None):
+        """Map (obj, gen) -- or the object bound to ``key`` -- and return
+        (descriptor, [buffer memoryviews]); the buffers own the view, which
+        is released with the last of them.  KeyError if it is gone."""
+        vi = _view_cell()
+        if key is not None:
+            check(lib.ds_view_key(self._s, key, len(key), int(writable), vi), "view")
+        else:
+            check(lib.ds_view_open(self._s, obj, gen, int(writable), vi), "view")
         desc = ffi.unpack(ffi.cast("char *", vi.desc), vi.desclen)
         size = vi.size
-        map_len = vi.map_len
-
+        tab = ffi.unpack(vi.bufs, 2 * vi.nbufs)     # read while pinned
         if vi.small:
-            # a packed small value (<= DS_SMALL_MAX bytes): copying it is
-            # cheaper than pinning and mapping, and the copy is as immutable
+            # a packed small value (<= DS_SMALL_MAX bytes): copied while
+            # pinned -- cheaper than mapping, and as immutable
             raw = ffi.unpack(ffi.cast("char *", vi.data), size)
+            lib.ds_view_close(self._s, vi)
             base = memoryview(bytearray(raw) if writable else raw)
-            self.unpin(obj, gen)
         else:
-            def release(p, core=self):
-                if map_len:
-                    lib.ds_unmap(p, map_len)
-                core.unpin(obj, gen)
-
-            holder = ffi.gc(ffi.cast("uint8_t *", vi.data), release, size=map_len)
-            base = memoryview(ffi.buffer(holder, size))
+            base = memoryview(ffi.buffer(_owner_of(vi), size))
             if not writable:
                 base = base.toreadonly()
-        if vi.nbufs == 1 and vi.bufs[0] == 0 and vi.bufs[1] == size:
+        if len(tab) == 2 and tab[0] == 0 and tab[1] == size:
             return desc, [base]
-        tab = ffi.unpack(vi.bufs, 2 * vi.nbufs)
-        return desc, [base[tab[2 * i]: tab[2 * i] + tab[2 * i + 1]] for i in range(vi.nbufs)]
+        return desc, [base[tab[2 * i]: tab[2 * i] + tab[2 * i + 1]] for i in range(len(tab) // 2)]
 
     def delete_key(self, key):
         check(lib.ds_delete_key(self._s, key, len(key)), "delete")
@@ -318,6 +283,23 @@ class Core:
         check(lib.ds_gc(self._s, gi), "gc")
         return {name: getattr(gi, name) for name in dir(gi)}
 
+    def identity(self):
+        """This process's client identity in the store, as bytes."""
+        slot, ns = ffi.new("uint32_t *"), ffi.new("uint64_t *")
+        lib.ds_client_self(self._s, slot, ns)
+        return f"{slot[0]}:{ns[0]}".encode()
+
+    def identity_alive(self, ident):
+        """Is the client named by identity() still attached and alive?
+        (By its slot lock: true across PID namespaces.)"""
+        try:
+            slot, ns = (int(x) for x in bytes(ident).decode().split(":"))
+        except (ValueError, UnicodeDecodeError):
+            return False
+        if not (0 <= slot < 1 << 32 and 0 <= ns < 1 << 64):
+            return False
+        return bool(lib.ds_client_alive(self._s, slot, ns))
+
     def clients(self):
         arr = ffi.new("ds_clientinfo[]", 4096)
         n = ffi.new("uint32_t *")
@@ -333,13 +315,8 @@ class Core:
         last export of it is released or collected."""
         addr = ffi.new("uint8_t **")
         check(lib.ds_mergeable_alloc(self._s, nbytes, addr), "mergeable")
-
-        def release(p, core=self):
-            if core._finalizer.alive:
-                lib.ds_mergeable_free(core._s, p)
-
-        holder = ffi.gc(addr[0], release, size=nbytes)
-        return memoryview(ffi.buffer(holder, nbytes))
+        owner = ffi.gc(addr[0], functools.partial(lib.ds_mergeable_free, self._s), size=nbytes)
+        return memoryview(ffi.buffer(owner, nbytes))
 
     def merge_scan(self, max_pages):
         info = ffi.new("ds_scaninfo *")

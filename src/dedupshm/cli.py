@@ -5,7 +5,10 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 
+from ._format import human_bytes  # noqa: F401 - public here too
+from .errors import CorruptStoreError, DedupShmError, IncompatibleStoreError
 from .store import DEFAULT_DIRECTORY, Store, store_paths
 
 _STAT_ORDER = [
@@ -19,16 +22,6 @@ _STAT_ORDER = [
     ("handles", "references held", False), ("gc_runs", "gc runs", False),
     ("reaped_clients", "dead processes reaped", False), ("recoveries", "lock recoveries", False),
 ]
-
-
-def human_bytes(n):
-    """1536 -> '1.5 KiB'."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _fmt(value, is_bytes):
@@ -238,7 +231,6 @@ def _progress(total, verb):
 
 
 def cmd_put(args, out):
-    from .errors import DedupShmError
     try:
         return _put(args, out)
     except DedupShmError as e:                       # e.g. the store is full
@@ -302,9 +294,15 @@ def cmd_get(args, out):
             target, tmp = sys.stdout.buffer, None
         else:
             d = os.path.dirname(os.path.abspath(args.out))
-            tmp = os.path.join(d, f".{os.path.basename(args.out)}.dedupshm-{os.getpid()}")
             try:
-                target = open(tmp, "wb")
+                # a fresh name, created exclusively: a predictable one in a
+                # shared directory could be a planted symlink to another file
+                fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(args.out)}.",
+                                           suffix=".dedupshm", dir=d)
+                mask = os.umask(0)
+                os.umask(mask)
+                os.fchmod(fd, 0o666 & ~mask)             # what open() would have made
+                target = os.fdopen(fd, "wb")
             except OSError as e:
                 sys.stderr.write(f"dedupshm: cannot write {args.out}: {e.strerror or e}\n")
                 return 1
@@ -406,6 +404,13 @@ def main(argv=None, out=None):
     except (ValueError, PermissionError) as e:
         sys.stderr.write(f"dedupshm: {e}\n")
         return 2
+    except CorruptStoreError as e:                   # incl. IncompatibleStoreError
+        hint = "" if isinstance(e, IncompatibleStoreError) else " (not a dedupshm store?)"
+        sys.stderr.write(f"dedupshm: {e}{hint}\n")
+        return 1
+    except (DedupShmError, OSError) as e:
+        sys.stderr.write(f"dedupshm: {e}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import time
 from datetime import datetime
 
-from .cli import human_bytes
+from ._format import human_bytes
 from .store import DEFAULT_DIRECTORY, store_paths
 
 MiB = 1 << 20
@@ -325,6 +325,22 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def _interactive_sigint():
+    """Make Ctrl-C reach us if it was ignored but we run in the foreground
+    of a terminal (a shell starts background jobs, and programs started
+    from them, with SIGINT ignored; `top` reads keys from that terminal and
+    must quit on Ctrl-C).  Returns the handler to restore, or None."""
+    try:
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            return None
+        fd = sys.stdin.fileno()
+        if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
+            return None
+        return signal.signal(signal.SIGINT, signal.default_int_handler)
+    except (OSError, ValueError, AttributeError):     # no terminal, not the main thread
+        return None
+
+
 def run_top(store, name, directory, interval=1.0, once=False, top_n=None, out=None):
     """Run ``dedupshm top``; returns the exit status."""
     from rich.console import Console
@@ -338,6 +354,7 @@ def run_top(store, name, directory, interval=1.0, once=False, top_n=None, out=No
         is_tty = False
     me = os.getpid()
     old_term = signal.signal(signal.SIGTERM, _terminate)
+    old_int = _interactive_sigint()
     try:
         if once:
             first = Snapshot(store, top_n=top_n or 20)
@@ -352,6 +369,8 @@ def run_top(store, name, directory, interval=1.0, once=False, top_n=None, out=No
         return _live_loop(store, name, directory, interval, top_n, out, me)
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
 
 
 def _plain_loop(store, interval, out):

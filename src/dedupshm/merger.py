@@ -5,10 +5,14 @@ thread (only a process can remap its own pages); the mergers of different
 processes meet in the store's shared content table.  The scan itself runs
 in C without the GIL.  See csrc/merger.c for the algorithm.
 """
+import os
 import threading
 import time
+import warnings
+import weakref
 
 from ._native import merger_wp_mode as wp_mode  # noqa: F401 - public
+from .errors import StoreClosedError
 
 #: ksmd-like defaults; the advisor (target_scan_s, max_cpu) is on by default.
 DEFAULT_SLEEP_MS = 20
@@ -18,6 +22,23 @@ DEFAULT_MAX_CPU = 0.25
 IDLE_MAX_S = 0.5
 #: Share of vm.max_map_count the merger may use for the mappings it creates.
 DEFAULT_VMA_SHARE = 0.25
+#: Scans that fail in a row before the merger thread gives up.
+MAX_CONSECUTIVE_ERRORS = 3
+#: Pause after a failed scan before the next try (seconds).
+ERROR_PAUSE_S = 0.1
+
+_mergers = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    # only the forking thread survives a fork: no merger runs in the child,
+    # and a lock another thread held must not stay held
+    for m in list(_mergers):
+        m._lock = threading.Lock()
+        m._thread = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _max_map_count():
@@ -36,16 +57,27 @@ class Merger:
     advisor picks pages_to_scan so that a full pass over this process's
     mergeable memory takes about that long, without using more than
     ``max_cpu`` of one core.  ``scan()`` runs one full pass now and returns
-    the number of pages it merged."""
+    the number of pages it merged.
+
+    A scan that fails is counted in ``errors`` (its exception is
+    ``last_error``) and retried; after ``MAX_CONSECUTIVE_ERRORS`` failures in
+    a row the thread ends with a RuntimeWarning, and the next ``stop()``
+    raises the error that ended it.  ``start`` and ``stop`` may be called
+    from any thread.  A forked child has no merger running: it calls
+    ``start()`` itself."""
 
     def __init__(self, store):
         self._store = store
+        self._lock = threading.Lock()     # guards _thread, _stop, _fatal
         self._thread = None
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._fatal = None                # the error that ended the thread
+        self.errors = 0
+        self.last_error = None
         self.last = {}
         self._vma_budget = None
         self.vma_budget = max(64, int(_max_map_count() * DEFAULT_VMA_SHARE))
+        _mergers.add(self)
 
     @property
     def vma_budget(self):
@@ -73,7 +105,9 @@ class Merger:
 
     def start(self, pages_to_scan=None, sleep_ms=None, target_scan_s=None, max_cpu=None):
         """Start the background thread (idempotent: restarts with new pacing)."""
-        if pages_to_scan is not None and (not isinstance(pages_to_scan, int) or pages_to_scan <= 0):
+        if pages_to_scan is not None and (isinstance(pages_to_scan, bool)
+                                          or not isinstance(pages_to_scan, int)
+                                          or pages_to_scan <= 0):
             raise ValueError("pages_to_scan must be a positive int")
         sleep_ms = DEFAULT_SLEEP_MS if sleep_ms is None else sleep_ms
         if sleep_ms < 0:
@@ -85,13 +119,27 @@ class Merger:
         max_cpu = DEFAULT_MAX_CPU if max_cpu is None else max_cpu
         if not 0 < max_cpu <= 1:
             raise ValueError("max_cpu must be in (0, 1]")
-        self.stop()
-        self._stop = threading.Event()
-        args = (pages_to_scan, sleep_ms / 1000.0, target_scan_s, max_cpu, self._stop)
-        self._thread = threading.Thread(target=self._run, args=args, name="dedupshm-merger", daemon=True)
-        self._thread.start()
+        core = self._store._c()             # StoreClosedError here, not in the thread
+        with self._lock:
+            self._stop_locked()
+            self._fatal = None              # a restart forgets how the last run ended
+            stop = self._stop = threading.Event()
+            args = (core, pages_to_scan, sleep_ms / 1000.0, target_scan_s, max_cpu, stop)
+            t = threading.Thread(target=self._run, args=args, name="dedupshm-merger",
+                                 daemon=True)
+            t.start()
+            self._thread = t
 
     def stop(self):
+        """Stop the background thread and wait for it.  If the thread had
+        ended on an error, raise that error (once)."""
+        with self._lock:
+            self._stop_locked()
+            err, self._fatal = self._fatal, None
+        if err is not None:
+            raise err
+
+    def _stop_locked(self):
         t = self._thread
         if t is None:
             return
@@ -100,20 +148,37 @@ class Merger:
             t.join()
         self._thread = None
 
-    def _run(self, pages_to_scan, sleep_s, target_scan_s, max_cpu, stop):
-        core = self._store._core
-        if core is None:
-            return
+    def _failed(self, e, consecutive):
+        """Count a failed scan; True if the thread should end."""
+        self.errors += 1
+        self.last_error = e
+        if consecutive < MAX_CONSECUTIVE_ERRORS:
+            return False
+        self._fatal = e
+        warnings.warn(f"dedupshm merger of store {self._store.name!r} stopped after "
+                      f"{consecutive} failed scans in a row: {e!r} "
+                      f"(merger.stop() raises it)", RuntimeWarning, stacklevel=2)
+        return True
+
+    def _run(self, core, pages_to_scan, sleep_s, target_scan_s, max_cpu, stop):
         cpu_per_page = 1e-6            # seconds; learned as we go
         total = 0
         idle = 0
+        failures = 0
         n = pages_to_scan or 256
         while not stop.is_set():
             t0 = time.perf_counter()
             try:
                 info = core.merge_scan(n)
-            except Exception:  # noqa: BLE001 - store gone; the thread ends
-                return
+            except StoreClosedError:
+                return                     # closed under us: nothing left to merge
+            except Exception as e:  # noqa: BLE001 - counted, surfaced, re-raised by stop()
+                failures += 1
+                if self._failed(e, failures):
+                    return
+                stop.wait(ERROR_PAUSE_S)
+                continue
+            failures = 0
             self.last = info
             total = info["total_pages"]
             if info["visited"]:

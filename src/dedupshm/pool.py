@@ -44,11 +44,12 @@ import multiprocessing
 import multiprocessing.pool
 import pickle
 import sys
-import threading
 import weakref
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
+
+from . import _attach
 
 __all__ = ["Pool", "ProcessPoolExecutor", "Queue", "pack", "DEFAULT_MIN_NBYTES"]
 
@@ -56,31 +57,10 @@ __all__ = ["Pool", "ProcessPoolExecutor", "Queue", "pack", "DEFAULT_MIN_NBYTES"]
 DEFAULT_MIN_NBYTES = 1 << 20
 
 # ---------------------------------------------------------------- stores
-
-_stores = weakref.WeakValueDictionary()     # (name, directory) -> Store
-_kept = {}                                   # stores a worker keeps attached
-_stores_lock = threading.Lock()
-
-
-def _attached(name, directory, keep=False):
-    """This process's Store object for (name, directory).  Attaching once
-    per use would be wasteful; keeping every store attached forever would
-    pin the memory of unlinked stores, so only ``keep=True`` (pool
-    workers) holds on; other users hold their own Store object."""
-    key = (name, directory)
-    with _stores_lock:
-        s = _stores.get(key)
-        if s is None or s.closed:
-            from .store import Store
-            s = Store(name, directory=directory)
-            _stores[key] = s
-        if keep:
-            _kept[key] = s
-        return s
-
-
-def _store_id(store):
-    return (store.name, store.directory)
+# Store objects by name (what a message carries) come from the one attach
+# cache, dedupshm._attach: fork-safe, shared with sequence and torch.
+_attached = _attach.attached_store
+_store_id = _attach.store_id
 
 
 # ---------------------------------------------------------------- packing
@@ -172,9 +152,6 @@ class _Packer:
         self._strong.clear()
 
 
-_tls = threading.local()
-
-
 class _Unpickler(pickle.Unpickler):
     def __init__(self, f, writable):
         super().__init__(f)
@@ -196,26 +173,45 @@ class _Unpickler(pickle.Unpickler):
 
 class _Packed:
     """A pickled value whose large buffers are in a store.  ``value()``
-    unpacks it (once: later calls return the same object)."""
+    unpacks it (once: later calls return the same object).  No lock of its
+    own (one held by another thread at fork would stay held in the child):
+    threads racing on the first call may both unpack, the first to finish
+    is kept."""
 
-    __slots__ = ("data", "_value", "_lock")
+    __slots__ = ("data", "_value")
     _UNSET = object()
 
     def __init__(self, data):
         self.data = data
         self._value = self._UNSET
-        self._lock = threading.Lock()
 
     def __reduce__(self):
         return (_Packed, (self.data,))
 
+    def _take(self, writable=False):
+        """The value, not kept here: a worker's argument must be let go of
+        as soon as its task is done, before the result goes back (the
+        worker loop keeps the message alive until the next task)."""
+        data, self.data = self.data, None
+        if data is None:
+            raise ValueError("this message was unpacked already")
+        return _Unpickler(io.BytesIO(data), writable).load()
+
     def value(self, writable=False):
-        if self._value is self._UNSET:
-            with self._lock:
+        v = self._value
+        if v is not self._UNSET:
+            return v
+        data = self.data
+        if data is not None:
+            v = _Unpickler(io.BytesIO(data), writable).load()
+            with _attach.lock():
                 if self._value is self._UNSET:
-                    self._value = _Unpickler(io.BytesIO(self.data), writable).load()
+                    self._value = v
                     self.data = None
-        return self._value
+        v = self._value
+        if v is self._UNSET:
+            raise ValueError("this message was unpacked already")
+        return v
 
 
 def pack(obj, store, min_nbytes=DEFAULT_MIN_NBYTES):
@@ -251,23 +247,29 @@ class _Task:
 
     def __call__(self, packed):
         _attached(self.name, self.directory, keep=True)
-        arg = packed.value(self.writable) if isinstance(packed, _Packed) else packed
+        arg = packed._take(self.writable) if isinstance(packed, _Packed) else packed
         if self.mode == "one":
             result = self.func(arg)
         elif self.mode == "star":
             result = self.func(*arg)
         else:
             args, kwargs = arg
+            del arg
             result = self.func(*args, **kwargs)
-        del arg, packed
-        return pack(result, _attached(self.name, self.directory, keep=True), self.min_nbytes)
+            del args, kwargs
+        arg = packed = None                 # the argument's values are let go of here
+        store = _attached(self.name, self.directory, keep=True)
+        packed = pack(result, store, self.min_nbytes)
+        del result                          # before the message goes back
+        return packed
 
 
 def _unpacked(v, writable):
     return v.value(writable) if isinstance(v, _Packed) else v
 
 
-def _check_min(min_nbytes):
+def check_min_nbytes(min_nbytes):
+    """``min_nbytes`` if it is a valid threshold (an int >= 1)."""
     if isinstance(min_nbytes, bool) or not isinstance(min_nbytes, int):
         raise TypeError("min_nbytes must be an int")
     if min_nbytes < 1:
@@ -275,16 +277,8 @@ def _check_min(min_nbytes):
     return min_nbytes
 
 
-def _check_store(store):
-    from .store import Store
-    if not isinstance(store, Store):
-        raise TypeError(f"store must be a dedupshm.Store, not {type(store).__name__}")
-    store._c()              # StoreClosedError if closed
-    with _stores_lock:
-        cur = _stores.get(_store_id(store))
-        if cur is None or cur.closed:
-            _stores[_store_id(store)] = store
-    return store
+_check_min = check_min_nbytes
+_check_store = _attach.check_store
 
 
 # ---------------------------------------------------------------- Pool

@@ -20,18 +20,17 @@ import collections.abc
 import io
 import os
 import pickle
-import threading
-import weakref
+
+from . import _attach
 
 __all__ = ["SharedSequence", "put_sequence"]
 
 _OFFSETS_FORMAT = "q"        # int64 offsets, n + 1 of them
 
-# nonce -> ObjectRef of the stored payload, for the processes that know it
-# (the putter, and whoever unpickled the sequence); lets store.get()'s
-# result pickle as that reference.
-_known = weakref.WeakValueDictionary()
-_known_lock = threading.Lock()
+# The ObjectRef of each stored payload, by nonce, for the processes that
+# know it (the putter, and whoever unpickled the sequence) lets
+# store.get()'s result pickle as that reference.  The registry is part of
+# the one attach cache (dedupshm._attach).
 
 
 class _Payload:
@@ -59,8 +58,7 @@ def _rebuild(offsets, data, n, name, directory, nonce):
     offsets = _as_view(offsets).cast("B").cast(_OFFSETS_FORMAT)
     if len(offsets) != n + 1:
         raise ValueError(f"corrupt sequence: {len(offsets)} offsets for {n} items")
-    with _known_lock:
-        ref = _known.get(nonce)
+    ref = _attach.known_sequence(nonce)
     return SharedSequence(offsets, _as_view(data).cast("B"), n, name, directory, nonce,
                           ref.__copy__() if ref is not None else None)
 
@@ -131,8 +129,7 @@ class SharedSequence(collections.abc.Sequence):
         if this sequence came from a plain ``store.get``; storing it again
         shares every page with the stored copy)."""
         if self._ref is None:
-            from .pool import _attached
-            store = _attached(self._name, self._directory)
+            store = _attach.attached_store(self._name, self._directory)
             payload = _Payload(self._offsets.cast("B"), self._data, self._n, self._name,
                                self._directory, self._nonce)
             self._ref = store.put(payload)
@@ -149,15 +146,11 @@ class SharedSequence(collections.abc.Sequence):
         return self
 
 
-def _remember(nonce, ref):
-    with _known_lock:
-        if _known.get(nonce) is None:
-            _known[nonce] = ref
+_remember = _attach.remember_sequence
 
 
 def _from_ref(name, directory, ref):
-    from .pool import _attached
-    store = _attached(name, directory)
+    store = _attach.attached_store(name, directory)
     seq = store.get(ref)
     if not isinstance(seq, SharedSequence):
         raise TypeError(f"{ref!r} is not a stored sequence")

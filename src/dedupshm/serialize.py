@@ -1,15 +1,30 @@
 """Turning values into (descriptor, buffers) and back, zero-copy.
 
 A descriptor is a small msgpack map saying how to rebuild the value from
-its buffers.  Buffers are stored page-aligned (large values) so identical
-arrays dedup page for page wherever they appear, including inside pickles.
+its buffers.  The C core stores the buffers one after the other (16-byte
+aligned); values up to DS_SMALL_MAX bytes are packed in the index and
+copied out on read, larger ones are mapped zero-copy.
+
+What comes back is what went in, for every size: a numpy array keeps its
+dtype (structured too), shape and memory order (C or Fortran; other
+layouts come back C-contiguous); a memoryview keeps its format and shape;
+bytes and bytearray come back as a flat memoryview of their bytes.  The
+buffers the decoder gets are read-only for a plain ``get`` and writable
+(private) for ``get(writable=True)``, and so is every array, memoryview and
+out-of-band buffer rebuilt over them.
 
 Kinds:
-  ``nd``  a numpy array (dtype, shape, order); one buffer
-  ``b``   a bytes-like value; one buffer, returned as a memoryview
-  ``pk``  anything else: pickle protocol 5, out-of-band buffers for every
-          buffer of at least ``OOB_MIN`` bytes, the pickle stream inline
-          or, when large, as the last buffer
+  ``nd``  a numpy array (dtype as ``dt`` string, or pickled as ``dp`` when
+          a string cannot say it, e.g. structured; shape, order); one buffer
+  ``b``   a bytes-like value; one buffer, returned as a flat memoryview
+  ``mv``  a memoryview with a format or shape: one buffer, cast back
+          (``f``), or rebuilt through numpy (``dt``/``dp``) for formats
+          memoryview.cast cannot make
+  ``pk``  anything else: pickle protocol 5 with every buffer out of band;
+          buffers of at least ``OOB_MIN`` bytes are stored as buffers of
+          their own, smaller ones packed into one shared buffer; ``bt``
+          says where each is ([buffer index, offset, length] each); the
+          pickle stream inline or, when large, as the last buffer
 """
 import pickle
 
@@ -19,47 +34,150 @@ import numpy as np
 OOB_MIN = 4096
 #: Pickle streams up to this size ride in the descriptor (small values stay
 #: packed); longer ones are stored as a buffer of their own.
-BYTES_DESC = msgpack.packb({"k": "b"}, use_bin_type=True)
 INLINE_PICKLE_MAX = 1024
+BYTES_DESC = msgpack.packb({"k": "b"}, use_bin_type=True)
+_ALIGN = 16
 
 
 def _contiguous_bytes(mv):
     mv = memoryview(mv)
     if mv.c_contiguous:
-        return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+        if mv.format == "B" and mv.ndim == 1:
+            return mv
+        if mv.nbytes and 0 not in mv.shape:
+            return mv.cast("B")
     return memoryview(mv.tobytes())
+
+
+def _dtype_desc(desc, dt):
+    """Record dtype dt in desc: as its string when that round-trips."""
+    s = dt.str
+    try:
+        same = dt.fields is None and dt.subdtype is None and np.dtype(s) == dt
+    except TypeError:
+        same = False
+    if same:
+        desc["dt"] = s
+    else:
+        desc["dp"] = pickle.dumps(dt, protocol=5)
+
+
+def _dtype_of(desc):
+    if "dt" in desc:
+        return np.dtype(desc["dt"])
+    dt = pickle.loads(desc["dp"])
+    if not isinstance(dt, np.dtype):
+        raise ValueError("corrupt descriptor: dp is not a dtype")
+    return dt
+
+
+def _array_bytes(arr):
+    """A flat byte view of a C- or F-contiguous array (no copy)."""
+    if arr.nbytes == 0:
+        return memoryview(b"")
+    flat = arr.reshape(-1, order="A")
+    return memoryview(flat.view(np.uint8))
+
+
+_castable = {}
+
+
+def _can_cast(fmt):
+    """Whether memoryview.cast can make format fmt (native single characters)."""
+    ok = _castable.get(fmt)
+    if ok is None:
+        try:
+            memoryview(bytes(64)).cast(fmt)
+            ok = True
+        except (ValueError, TypeError):
+            ok = False
+        if len(_castable) < 256:
+            _castable[fmt] = ok
+    return ok
+
+
+def _encode_memoryview(mv):
+    if mv.format == "B" and mv.ndim == 1:
+        return BYTES_DESC, [_contiguous_bytes(mv)]
+    shape = list(mv.shape)
+    if _can_cast(mv.format) and 0 not in shape:
+        desc = {"k": "mv", "f": mv.format, "sh": shape}
+        return msgpack.packb(desc, use_bin_type=True), [_contiguous_bytes(mv)]
+    try:
+        arr = np.asarray(mv)
+    except (ValueError, TypeError, NotImplementedError):
+        arr = None
+    if arr is None or arr.dtype.hasobject or arr.dtype.itemsize == 0:
+        return BYTES_DESC, [_contiguous_bytes(mv)]         # a format nobody can rebuild
+    arr = np.ascontiguousarray(arr)
+    desc = {"k": "mv", "sh": shape}
+    _dtype_desc(desc, arr.dtype)
+    return msgpack.packb(desc, use_bin_type=True), [_array_bytes(arr)]
 
 
 def encode(value):
     """Return (descriptor bytes, list of contiguous buffers)."""
-    if type(value) is np.ndarray and _plain_dtype(value.dtype):
+    if type(value) is np.ndarray and not value.dtype.hasobject and value.dtype.itemsize:
         if value.flags.c_contiguous:
             order, arr = "C", value
         elif value.flags.f_contiguous:
             order, arr = "F", value
         else:
             order, arr = "C", np.ascontiguousarray(value)
-        desc = {"k": "nd", "dt": arr.dtype.str,
-                "sh": list(arr.shape), "o": order}
-        buf = arr.reshape(-1, order="A") if arr.ndim != 1 else arr
-        mv = memoryview(buf.view(np.uint8) if buf.size else b"")
-        return msgpack.packb(desc, use_bin_type=True), [mv.cast("B") if mv.ndim != 1 else mv]
-    if isinstance(value, (bytes, bytearray, memoryview)):
+        desc = {"k": "nd", "sh": list(arr.shape), "o": order}
+        _dtype_desc(desc, arr.dtype)
+        return msgpack.packb(desc, use_bin_type=True), [_array_bytes(arr)]
+    if isinstance(value, memoryview):
+        return _encode_memoryview(value)
+    if isinstance(value, (bytes, bytearray)):
         return BYTES_DESC, [_contiguous_bytes(value)]
-    bufs = []
+    return _encode_pickle(value)
+
+
+#: Past this many small buffers in one pickle their table would outgrow the
+#: descriptor: they go in-band (and arrays among them come back as copies).
+MAX_PACKED_BUFFERS = 1_000_000
+
+
+def _encode_pickle(value, pack_small=True):
+    bufs = []          # what the store keeps: large buffers, [small pack], [stream]
+    where = []         # per pickle buffer, in order: buffer index, offset, length
+    small = []         # (position in where, raw) of buffers packed together
+    small_len = 0
 
     def oob(pb):
+        nonlocal small_len
         raw = pb.raw()
-        if raw.nbytes < OOB_MIN:
-            return True                    # keep small buffers in-band
-        bufs.append(raw)
+        n = raw.nbytes
+        if n >= OOB_MIN:
+            where.extend((len(bufs), 0, n))
+            bufs.append(raw)
+        elif not pack_small:
+            return True
+        else:
+            small_len = (small_len + _ALIGN - 1) // _ALIGN * _ALIGN
+            small.append((len(where), small_len, raw))
+            where.extend((-1, small_len, n))
+            small_len += n
         return False
 
     try:
         stream = pickle.dumps(value, protocol=5, buffer_callback=oob)
     except Exception as e:  # noqa: BLE001 - any pickling failure is the caller's value
         raise TypeError(f"cannot store {type(value).__name__}: {e}") from e
-    desc = {"k": "pk", "nb": len(bufs)}
+    if len(small) > MAX_PACKED_BUFFERS:
+        return _encode_pickle(value, pack_small=False)
+    if small:
+        pack = bytearray(small_len)
+        for pos, off, raw in small:
+            pack[off:off + raw.nbytes] = raw
+            where[pos] = len(bufs)
+        bufs.append(memoryview(pack))
+    if not bufs:
+        # an empty buffer: the decoder tells a plain get from a writable one
+        # by its buffers, and a value with none would come back writable
+        bufs.append(memoryview(b""))
+    desc = {"k": "pk", "nb": len(bufs), "bt": where}
     if len(stream) <= INLINE_PICKLE_MAX:
         desc["p"] = stream
     else:
@@ -67,14 +185,23 @@ def encode(value):
     return msgpack.packb(desc, use_bin_type=True), bufs
 
 
-def decode(desc_bytes, buffers):
-    """Rebuild a value from its descriptor and buffers (memoryviews)."""
+def _readonly(buffers, writable):
+    if writable is not None:
+        return not writable
+    return bool(buffers) and buffers[0].readonly
+
+
+def decode(desc_bytes, buffers, writable=None):
+    """Rebuild a value from its descriptor and buffers (memoryviews).
+
+    ``writable``: whether the caller asked for writable results (None:
+    as writable as the buffers are)."""
     if desc_bytes == BYTES_DESC:
         return buffers[0]
     desc = msgpack.unpackb(desc_bytes, raw=False)
     kind = desc["k"]
     if kind == "nd":
-        dt = np.dtype(desc["dt"])
+        dt = _dtype_of(desc)
         shape = tuple(desc["sh"])
         count = 1
         for d in shape:
@@ -83,16 +210,31 @@ def decode(desc_bytes, buffers):
         return arr.reshape(shape, order=desc["o"])
     if kind == "b":
         return buffers[0]
+    if kind == "mv":
+        shape = tuple(desc["sh"])
+        if "f" in desc:
+            return buffers[0].cast("B").cast(desc["f"], shape)
+        dt = _dtype_of(desc)
+        count = 1
+        for d in shape:
+            count *= d
+        return memoryview(np.frombuffer(buffers[0], dtype=dt, count=count).reshape(shape))
     if kind == "pk":
         nb = desc["nb"]
         stream = desc["p"] if "p" in desc else buffers[nb]
+        bt = desc.get("bt")
+        if bt is None:                                   # written before "bt" existed
+            oob = buffers[:nb]
+        else:
+            oob = [buffers[bt[i]][bt[i + 1]:bt[i + 1] + bt[i + 2]] for i in range(0, len(bt), 3)]
         try:
-            return pickle.loads(stream, buffers=buffers[:nb])
+            value = pickle.loads(stream, buffers=oob)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"stored value cannot be unpickled here: {e!r}") from e
+        if isinstance(value, np.ndarray) and value.flags.writeable and _readonly(buffers, writable):
+            try:
+                value.flags.writeable = False      # e.g. an object array: no buffer of ours
+            except ValueError:
+                pass
+        return value
     raise ValueError(f"unknown descriptor kind {kind!r}")
-
-
-def _plain_dtype(dt):
-    """dtypes that dtype.str round-trips; others (structured, object) pickle."""
-    return not dt.hasobject and dt.fields is None and dt.subdtype is None

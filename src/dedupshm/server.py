@@ -16,37 +16,11 @@ weights or lookup tables, so N workers hold N copies.  Two ways to hold one:
 
 Recipes for gunicorn are in docs/INTEGRATIONS.md.
 """
-import os
 import time
 
 from .errors import DedupShmError
 
 __all__ = ["shared_load", "load_mergeable", "mergeable_copy"]
-
-
-def _start_time(pid):
-    """The process's start time (clock ticks since boot), or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # the command name may contain spaces and parentheses: split after the last ')'
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return int(fields[19])
-
-
-def _me():
-    pid = os.getpid()
-    return f"{pid}:{_start_time(pid)}".encode()
-
-
-def _alive(owner):
-    try:
-        pid, start = owner.decode().split(":")
-        return str(_start_time(int(pid))) == start
-    except (ValueError, UnicodeDecodeError):
-        return False
 
 
 def _marker_key(key):
@@ -77,9 +51,9 @@ def shared_load(store, key, loader, *, timeout=600.0, poll=0.02):
     Meant for processes that all need the same large, read-only value
     (workers of a pre-fork server): one of them loads it, the others wait
     (polling, at most ``timeout`` seconds) and map it zero-copy.  Lock-free:
-    a loader announces itself with a small marker value holding its pid; a
-    waiter whose loader died (or raised) loads in its place.  When two
-    processes race, both may load: the first put wins the key, and since
+    a loader announces itself with a small marker value naming its client
+    slot; a waiter whose loader died (or raised) loads in its place.  When
+    two processes race, both may load: the last put wins the key, and since
     equal pages are stored once, memory holds a single copy anyway -- so
     ``loader`` must be deterministic.  Returns what ``store.get(key)``
     returns: numpy arrays read-only over shared memory, bytes as read-only
@@ -89,14 +63,15 @@ def shared_load(store, key, loader, *, timeout=600.0, poll=0.02):
     if v is not _MISSING:
         return v
     marker = _marker_key(key)
-    me = _me()
+    core = store._c()
+    me = core.identity()        # alive while this process is attached: no pid, no /proc
     deadline = time.monotonic() + timeout
     while True:
         v = _read(store, key)
         if v is not _MISSING:
             return v
         owner = _owner(store, marker)
-        if owner is None or (owner != me and not _alive(owner)):
+        if owner is None or (owner != me and not core.identity_alive(owner)):
             store.put(me, key=marker)           # announce: I load
             if _owner(store, marker) == me:
                 break                           # nobody announced after us
@@ -106,7 +81,7 @@ def shared_load(store, key, loader, *, timeout=600.0, poll=0.02):
         time.sleep(poll)
     try:
         value = loader()
-        if key not in store:                    # first put wins
+        if key not in store:                    # check-then-put: if two raced, the last put wins
             store.put(value, key=key)
         del value
     finally:

@@ -2,12 +2,10 @@
 import contextlib
 import os
 import re
-import threading
 import time
-import weakref
 
-from . import serialize
-from ._native import MAX_KEY, Core, holder_view
+from . import _attach, serialize
+from ._native import MAX_KEY, Core
 from .errors import StoreClosedError, StoreFullError
 
 DEFAULT_DIRECTORY = "/dev/shm"
@@ -76,28 +74,11 @@ def decode_key(b):
     return b[1:].decode("utf-8", "surrogatepass") if b[:1] == b"s" else bytes(b[1:])
 
 
-# One attachment per store per process, shared by Store objects and refs.
-_cores = {}
-_cores_lock = threading.Lock()
-
-
+# One attachment per store per process, shared by Store objects and refs:
+# the attach cache (and every other process-wide registry) is in _attach.
 def _core_for(name, directory, create, capacity, warm_bytes, transit_ttl):
     index, pool = store_paths(name, directory)
-    with _cores_lock:
-        core = _cores.get(index)
-        core = core() if core is not None else None
-        if core is not None:
-            try:
-                if os.stat(index).st_ino == core.ino:
-                    if not os.access(index, os.R_OK | os.W_OK):   # e.g. after setuid
-                        raise PermissionError(13, "store belongs to another user", index)
-                    return core
-            except FileNotFoundError:
-                if not create:
-                    raise FileNotFoundError(2, "no such store", index) from None
-        core = Core(index, pool, create, capacity, warm_bytes, transit_ttl)
-        _cores[index] = weakref.ref(core)
-        return core
+    return _attach.core(index, pool, create, capacity, warm_bytes, transit_ttl)
 
 
 class ObjectRef:
@@ -106,59 +87,67 @@ class ObjectRef:
     While any ObjectRef to an object exists in any process -- or is in
     flight inside a pickle -- the object stays in the store.  A pickled
     ref carries a reference of its own, taken over by the first process
-    that unpickles it (or dropped after the store's transit TTL)."""
+    that unpickles it (or dropped after the store's transit TTL).  A child
+    of fork() holds every ref it inherited."""
 
-    __slots__ = ("_core", "_obj", "_gen", "_live", "__weakref__")
+    __slots__ = ("_core", "_cell", "__weakref__")
 
-    def __init__(self, core, obj, gen, live=True):
+    def __init__(self, core, cell):
+        # the cell exists before the C call that fills it, and its collection
+        # releases what it holds (Core.new_ref): nothing is ever unowned
         self._core = core
-        self._obj = obj
-        self._gen = gen
-        self._live = live      # we counted a pin for this instance
+        self._cell = cell
+
+    @property
+    def _obj(self):
+        return self._cell.obj
+
+    @property
+    def _gen(self):
+        return self._cell.gen
+
+    @property
+    def _live(self):
+        return bool(self._cell.held)
 
     @property
     def id(self):
         """(object slot, generation): unique within its store."""
-        return (self._obj, self._gen)
+        return (self._cell.obj, self._cell.gen)
 
     def __hash__(self):
-        return hash((self._core.uuid, self._obj, self._gen))
+        return hash((self._core.uuid, self._cell.obj, self._cell.gen))
 
     def __eq__(self, other):
         return (isinstance(other, ObjectRef) and other._core.uuid == self._core.uuid
-                and other._obj == self._obj and other._gen == self._gen)
+                and other._cell.obj == self._cell.obj and other._cell.gen == self._cell.gen)
 
     def __repr__(self):
         name = os.path.basename(self._core.index_path)[len("dedupshm."):-len(".index")]
-        return f"<ObjectRef {name}:{self._obj}.{self._gen}>"
-
-    def __del__(self):
-        try:
-            if self._live:
-                self._live = False
-                self._core.unpin(self._obj, self._gen)
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        return f"<ObjectRef {name}:{self._cell.obj}.{self._cell.gen}>"
 
     def __copy__(self):
-        return _local_ref(self._core, self._obj, self._gen)
+        return _local_ref(self._core, self._cell.obj, self._cell.gen)
 
     def __deepcopy__(self, memo):
         return self.__copy__()
 
     def __reduce__(self):
-        token = self._core.transit(self._obj, self._gen) if self._live else None
+        obj, gen = self._cell.obj, self._cell.gen
+        token = self._core.transit(obj, gen) if self._cell.held else None
         d, base = os.path.split(self._core.index_path)
         name = base[len("dedupshm."):-len(".index")]
-        return (_rebuild_ref, (d, name, self._core.uuid, self._obj, self._gen, token))
+        return (_rebuild_ref, (d, name, self._core.uuid, obj, gen, token))
 
 
 def _local_ref(core, obj, gen):
+    """A new ObjectRef holding (obj, gen); a dead one if it is gone."""
+    ref = ObjectRef(core, core.new_ref())
     try:
-        core.pin(obj, gen)
-        return ObjectRef(core, obj, gen)
+        core.pin(obj, gen, ref._cell)
     except KeyError:
-        return ObjectRef(core, obj, gen, live=False)
+        ref._cell.obj, ref._cell.gen = obj, gen
+    return ref
 
 
 def _rebuild_ref(directory, name, uuid, obj, gen, token):
@@ -168,9 +157,13 @@ def _rebuild_ref(directory, name, uuid, obj, gen, token):
         core = None
     if core is None or core.uuid != uuid:
         # the store is gone (or was re-created): a dangling reference
-        return ObjectRef(_DeadCore(directory, name, uuid), obj, gen, live=False)
-    live = core.claim(token, obj, gen)
-    return ObjectRef(core, obj, gen, live=live)
+        ref = ObjectRef(_DeadCore(directory, name, uuid), Core.new_ref())
+    else:
+        ref = ObjectRef(core, core.new_ref())
+        if core.claim(token, obj, gen, ref._cell):
+            return ref
+    ref._cell.obj, ref._cell.gen = obj, gen
+    return ref
 
 
 class _DeadCore:
@@ -179,9 +172,6 @@ class _DeadCore:
     def __init__(self, directory, name, uuid):
         self.index_path = store_paths(name, directory)[0]
         self.uuid = uuid
-
-    def unpin(self, obj, gen):
-        pass
 
     def transit(self, obj, gen):
         return None
@@ -261,9 +251,11 @@ class Store:
         """Let go of the store in this object (stopping its merger thread).
         Views, ObjectRefs and mergeable memory still alive keep this
         process attached until they are released."""
-        if self._merger is not None:
-            self._merger.stop()
-        self._core = None
+        try:
+            if self._merger is not None:
+                self._merger.stop()
+        finally:
+            self._core = None
 
     @property
     def closed(self):
@@ -313,33 +305,18 @@ class Store:
         kb = encode_key(key) if key is not None else None
         desc, bufs = serialize.encode(value)
         self._maybe_gc()
+        ref = ObjectRef(core, core.new_ref())     # owns the reference from the start
         try:
-            obj, gen = core.put(kb, desc, bufs, not dedup)
+            core.put(kb, desc, bufs, not dedup, ref._cell)
         except StoreFullError:
             core.gc()                       # dead processes may hold space
-            obj, gen = core.put(kb, desc, bufs, not dedup)
-        return ObjectRef(core, obj, gen)
+            core.put(kb, desc, bufs, not dedup, ref._cell)
+        return ref
 
-    def _resolve(self, ref_or_key):
-        """(obj, gen) of a ref of this store or of a bound key; pins it."""
-        core = self._c()
-        if isinstance(ref_or_key, ObjectRef):
-            if ref_or_key._core.uuid != core.uuid:
-                raise ValueError(f"{ref_or_key!r} belongs to another store")
-            obj, gen = ref_or_key._obj, ref_or_key._gen
-            core.pin(obj, gen)
-            return obj, gen
-        kb = encode_key(ref_or_key)
-        for _ in range(100):
-            found = core.lookup(kb)
-            if found is None:
-                raise KeyError(ref_or_key)
-            try:
-                core.pin(*found)
-                return found
-            except KeyError:
-                continue                    # replaced meanwhile: look again
-        raise KeyError(ref_or_key)
+    def _own_ref(self, core, ref):
+        if ref._core.uuid != core.uuid:
+            raise ValueError(f"{ref!r} belongs to another store")
+        return ref._cell.obj, ref._cell.gen
 
     def get(self, ref_or_key, *, writable=False):
         """The stored value, zero-copy.
@@ -350,18 +327,19 @@ class Store:
         ``writable=True`` gives a private copy-on-write view instead:
         writes stay in this process and cost memory only for pages written.
         The object's memory stays valid while the returned value (or any
-        view of it) is alive, even if the object is deleted meanwhile."""
+        view of it) is alive -- even if the object is deleted meanwhile, and
+        in a child of fork() that inherited it.  KeyError if the object was
+        deleted before the call."""
+        core = self._c()
         try:
-            obj, gen = self._resolve(ref_or_key)
+            if isinstance(ref_or_key, ObjectRef):
+                obj, gen = self._own_ref(core, ref_or_key)
+                desc, bufs = core.view(obj, gen, writable)
+            else:
+                desc, bufs = core.view(0, 0, writable, key=encode_key(ref_or_key))
         except KeyError:
             raise KeyError(ref_or_key) from None
-        core = self._core
-        try:
-            desc, bufs = core.view(obj, gen, writable)   # the view keeps our pin
-        except BaseException:
-            core.unpin(obj, gen)
-            raise
-        return serialize.decode(desc, bufs)
+        return serialize.decode(desc, bufs, writable=writable)
 
     def put_sequence(self, iterable, *, key=None):
         """Store a read-only sequence of picklable objects, serialized once;
@@ -372,8 +350,19 @@ class Store:
 
     def ref(self, key):
         """An ObjectRef to the value bound to ``key`` (KeyError if none)."""
-        obj, gen = self._resolve(key)
-        return ObjectRef(self._core, obj, gen)
+        core = self._c()
+        kb = encode_key(key)
+        ref = ObjectRef(core, core.new_ref())
+        for _ in range(100):
+            found = core.lookup(kb)
+            if found is None:
+                break
+            try:
+                core.pin(*found, ref._cell)
+                return ref
+            except KeyError:
+                continue                    # replaced meanwhile: look again
+        raise KeyError(key)
 
     @contextlib.contextmanager
     def create(self, key, nbytes):
@@ -391,14 +380,13 @@ class Store:
             yield memoryview(bytearray(0))
             self.put(b"", key=key)
             return
-        obj, gen, holder, state = core.create(kb, nbytes)
-        buf = holder_view(holder, nbytes)
+        cell, buf = core.create(kb, nbytes)
         try:
             yield buf
         except BaseException:
-            core.abort(obj, gen, holder)
+            core.abort(cell)
             raise
-        core.commit(obj, gen, serialize.BYTES_DESC, holder, state)
+        core.commit(cell, serialize.BYTES_DESC)
 
     def delete(self, ref_or_key):
         """Remove a value: unbind its key and make it unreachable.  Readers
@@ -429,14 +417,10 @@ class Store:
         self.delete(key)
 
     def __contains__(self, key):
+        core = self._c()
         if isinstance(key, ObjectRef):
-            try:
-                self._resolve(key)
-            except KeyError:
-                return False
-            self._core.unpin(key._obj, key._gen)
-            return True
-        return self._c().lookup(encode_key(key)) is not None
+            return core.alive(*self._own_ref(core, key))
+        return core.lookup(encode_key(key)) is not None
 
     def __len__(self):
         return self._c().count()

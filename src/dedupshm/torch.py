@@ -30,7 +30,8 @@ import warnings
 import torch
 import torch.utils.data
 
-from . import pool as _pool
+from . import _attach
+from .pool import check_min_nbytes, pack
 
 __all__ = ["CachedDataset", "StoreCollate", "put_tensor", "get_tensor",
            "tensor_to_array", "array_to_tensor"]
@@ -123,8 +124,8 @@ def get_tensor(store, ref_or_key):
 
 def _store_of(store):
     if isinstance(store, str):
-        return _pool._attached(store, None)
-    return _pool._check_store(store)
+        return _attach.attached_store(store, None)
+    return _attach.check_store(store)
 
 
 class CachedDataset(torch.utils.data.Dataset):
@@ -144,7 +145,7 @@ class CachedDataset(torch.utils.data.Dataset):
     def __init__(self, dataset, store, *, prefix=None):
         self.dataset = dataset
         store = _store_of(store)
-        self._sid = _pool._store_id(store)
+        self._sid = _attach.store_id(store)
         self._store = store
         self.prefix = prefix if prefix is not None else f"dedupshm.cache/{uuid.uuid4().hex}"
         self._warned = False
@@ -160,7 +161,7 @@ class CachedDataset(torch.utils.data.Dataset):
     @property
     def store(self):
         if self._store is None or self._store.closed:
-            self._store = _pool._attached(*self._sid, keep=True)
+            self._store = _attach.attached_store(*self._sid, keep=True)
         return self._store
 
     def __len__(self):
@@ -231,8 +232,8 @@ class StoreCollate:
 
     def __init__(self, store, collate_fn=None, *, min_nbytes=64 << 10):
         store = _store_of(store)
-        self._sid = _pool._store_id(store)
-        self._min = _pool._check_min(min_nbytes)
+        self._sid = _attach.store_id(store)
+        self._min = check_min_nbytes(min_nbytes)
         self.collate_fn = collate_fn
 
     def __call__(self, batch):
@@ -240,6 +241,6 @@ class StoreCollate:
         out = fn(batch)
         if torch.utils.data.get_worker_info() is None:
             return out
-        store = _pool._attached(*self._sid, keep=True)
-        return _StoreBatch(_pool.pack(out, store, self._min))
+        store = _attach.attached_store(*self._sid, keep=True)
+        return _StoreBatch(pack(out, store, self._min))
 
