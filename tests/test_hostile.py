@@ -217,10 +217,12 @@ s.gc()
 assert s.check().ok
 try:
     with s.create("big", 32 << 20) as buf:
-        buf[:1] = b"x"
+        # new pages (a buffer of zero pages would need none)
+        buf[:] = np.random.default_rng(2).bytes(32 << 20)
     sys.exit("create past full did not raise")
 except dedupshm.StoreFullError:
     pass
+assert "big" not in s
 again = np.random.default_rng(0).integers(0, 255, 1 << 20, dtype=np.uint8)
 s.put(again, key="again")                      # all its pages are stored already
 assert (s["again"] == again).all()
