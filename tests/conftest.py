@@ -1,12 +1,16 @@
 """Fixtures for the dedupshm test suite.
 
 - ``make_store``: factory of stores with unique names; every store a test
-  creates is closed and unlinked at teardown, and teardown fails if
-  ``unlink()`` left any file behind.
+  creates is gc()ed and check()ed, closed and unlinked at teardown, and
+  teardown fails if check() reported errors or ``unlink()`` left any file
+  behind.  Tests that damage a store on purpose say so with
+  ``@pytest.mark.corrupts_store`` (test_check.py and test_corrupt.py are
+  exempt as a whole).
 - ``store``: one fresh store from that factory.
 - ``procs``: registry of child processes; any still alive at teardown is
   SIGKILLed (so a failing test never leaves children behind).
-- ``shmem``: /proc/meminfo Shmem reader.
+- memory is measured on the store's own files (helpers.store_bytes), never
+  on the machine-wide /proc/meminfo Shmem, which anything else running moves.
 - a per-test hang guard (SIGALRM for the test body, faulthandler as a last
   resort), because a lock bug must fail a test, not hang the suite.
 - a session-end check that no ``dedupshm.t*`` file leaked into /dev/shm.
@@ -34,6 +38,8 @@ DEFAULT_LIMIT = 90  # seconds per test body
 def pytest_configure(config):
     config.addinivalue_line("markers", "limit(seconds): hang guard for this test's body")
     config.addinivalue_line("markers", "memory: measures kernel memory (run serially)")
+    config.addinivalue_line("markers", "corrupts_store: damages its stores on purpose; "
+                                       "make_store's teardown does not check() them")
 
 
 # ---------------------------------------------------------------- hang guard
@@ -104,6 +110,17 @@ def store_name():
     return new_name()
 
 
+#: modules whose tests damage stores on purpose (teardown does not check them)
+CORRUPTING_MODULES = {"test_check", "test_corrupt"}
+
+
+def _wants_check(request):
+    if request.node.get_closest_marker("corrupts_store"):
+        return False
+    mod = getattr(request, "module", None)
+    return getattr(mod, "__name__", "").rsplit(".", 1)[-1] not in CORRUPTING_MODULES
+
+
 @pytest.fixture
 def make_store(request):
     import dedupshm
@@ -146,6 +163,14 @@ def make_store(request):
         except Exception as e:
             problems.append(f"attach for cleanup of {name} raised {e!r}")
             s = None
+        if s is not None and _wants_check(request):
+            try:
+                s.gc()                      # what dead children left is not an error
+                rep = s.check()
+                if rep.errors:
+                    problems.append(f"check() of {name} after the test: {list(rep.errors)[:5]}")
+            except Exception as e:
+                problems.append(f"check() of {name} raised {e!r}")
         if s is not None:
             try:
                 s.unlink()
@@ -213,11 +238,6 @@ def procs():
     reg = Procs()
     yield reg
     reg.kill_all()
-
-
-@pytest.fixture
-def shmem():
-    return helpers.shmem_bytes
 
 
 @pytest.fixture

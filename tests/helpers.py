@@ -46,6 +46,9 @@ def _foreign_tmpfs_bytes(own_prefix):
 def shmem_bytes():
     """/proc/meminfo Shmem, less what other people's files in /dev/shm hold.
 
+    Machine-wide, so still moved by anonymous shared memory of anything else
+    running: tests measure store_bytes() (the store's own files) instead.
+
     The machine is shared (benchmarks and other test runs create and drop
     stores of hundreds of MiB at any moment); subtracting the tmpfs blocks
     of every file in /dev/shm that is not one of this run's stores
@@ -67,7 +70,38 @@ def shmem_bytes():
 
 def file_bytes(*paths):
     """tmpfs/disk blocks really allocated to these files."""
-    return sum(os.stat(p).st_blocks * 512 for p in paths if os.path.exists(p))
+    total = 0
+    for p in paths:
+        try:
+            total += os.stat(p).st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def store_bytes(*names, directory=None):
+    """Memory the stores hold: the blocks allocated to their index and pool
+    files.  Exact, and unmoved by whatever else runs on the machine (unlike
+    /proc/meminfo's machine-wide Shmem): the store's data lives in these
+    files and nowhere else in shared memory."""
+    return sum(file_bytes(*store_files(n, directory)) for n in names)
+
+
+def wait_store_bytes_below(name, limit, timeout=10.0, poke=None, directory=None):
+    """Poll (collecting garbage, calling poke) until store_bytes(name) <= limit."""
+    def ok():
+        if poke is not None:
+            poke()
+        gc.collect()
+        v = store_bytes(name, directory=directory)
+        return v if v <= limit else None
+    try:
+        return wait_for(ok, timeout=timeout, interval=0.05,
+                        msg=f"store files <= {limit / MiB:.1f} MiB")
+    except AssertionError:
+        raise AssertionError(
+            f"store {name} files stayed at {store_bytes(name, directory=directory) / MiB:.1f} MiB, "
+            f"expected <= {limit / MiB:.1f} MiB within {timeout}s") from None
 
 
 def _kb_fields(path, pattern):

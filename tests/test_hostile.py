@@ -195,3 +195,63 @@ def _try_mergeable(s):
         return True
     except dedupshm.StoreFullError:
         return False
+
+
+_FULL_UNPRIVILEGED = r"""
+import sys
+import numpy as np
+import dedupshm
+d = sys.argv[1]
+s = dedupshm.Store("full", create=True, capacity="1GiB", directory=d)   # more than fits
+n = 0
+try:
+    for i in range(1000):
+        s.put(np.random.default_rng(i).integers(0, 255, 1 << 20, dtype=np.uint8), key=f"k{i}")
+        n += 1
+except dedupshm.StoreFullError:
+    pass
+else:
+    sys.exit("never full")
+assert n >= 5, n
+s.gc()
+assert s.check().ok
+try:
+    with s.create("big", 32 << 20) as buf:
+        # new pages (a buffer of zero pages would need none)
+        buf[:] = np.random.default_rng(2).bytes(32 << 20)
+    sys.exit("create past full did not raise")
+except dedupshm.StoreFullError:
+    pass
+assert "big" not in s
+again = np.random.default_rng(0).integers(0, 255, 1 << 20, dtype=np.uint8)
+s.put(again, key="again")                      # all its pages are stored already
+assert (s["again"] == again).all()
+for k in list(s)[: n // 2]:
+    del s[k]
+s.put(np.random.default_rng(999).integers(0, 255, 1 << 20, dtype=np.uint8), key="after")
+assert s.check().ok
+print("ok full after", n, dedupshm.merger.wp_mode())
+"""
+
+
+@pytest.mark.limit(180)
+def test_full_tmpfs_unprivileged(tmp_path):
+    """What test_full_tmpfs_is_store_full_never_sigbus checks as root, for an
+    unprivileged user: a 24 MiB tmpfs mounted in a user+mount namespace of
+    its own (unshare -Urm), filled until StoreFullError -- never SIGBUS."""
+    if os.geteuid() == 0:
+        pytest.skip("root runs test_full_tmpfs_is_store_full_never_sigbus")
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    d = tmp_path / "tmpfs"
+    d.mkdir()
+    probe = subprocess.run(["unshare", "-Urm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no unprivileged user namespaces here: {probe.stderr.decode().strip()}")
+    r = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c",
+         'mount -t tmpfs -o size=24m tmpfs "$1" && exec "$2" -c "$3" "$1"', "sh",
+         str(d), sys.executable, _FULL_UNPRIVILEGED],
+        capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])   # -7 would be SIGBUS
+    assert "ok full after" in r.stdout, r.stdout

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dedupshm
-from helpers import MiB, PAGE, rand_array, shmem_bytes, store_files
+from helpers import MiB, PAGE, rand_array, store_bytes, store_files
 
 NOBODY = 65534
 
@@ -169,11 +169,11 @@ def test_zero_page_fingerprint_salted(make_store):
 def test_dedup_never_crosses_stores(make_store):
     a, b = make_store(warm_bytes=0), make_store(warm_bytes=0)
     arr = rand_array(32 * MiB, 4)
-    base = shmem_bytes()
+    base = store_bytes(a.name, b.name)
     a["x"] = arr
     b["x"] = arr
-    grew = shmem_bytes() - base
-    assert grew >= 2 * arr.nbytes - 8 * MiB, f"two stores share pages: Shmem +{grew / MiB:.1f} MiB"
+    grew = store_bytes(a.name, b.name) - base
+    assert grew >= 2 * arr.nbytes, f"two stores share pages: their files grew {grew / MiB:.1f} MiB"
     for s in (a, b):
         st = s.stats()
         assert arr.nbytes <= st["physical_bytes"] <= arr.nbytes + 4 * PAGE
@@ -204,3 +204,183 @@ def test_opt_out_value_shares_no_pages(make_store):
     del s["public"]
     st2 = s.stats()
     assert st2["physical_bytes"] >= 2 * arr.nbytes
+
+
+# ================================================================ planted files (issue 9, item 14)
+#
+# Another user (or a careless one) pre-creates a store's files.  A store
+# never adopts a file it did not create: create uses O_EXCL | O_NOFOLLOW and
+# never truncates or re-initialises a file that is not a store; attach
+# fstat()s both files and refuses (PermissionError naming the file) unless
+# they are the caller's own with no group/other permission bits.  These
+# tests need no second user, so they run (and mean the same) unprivileged.
+
+def _plant(path, mode, content=b"planted by someone else"):
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        os.write(fd, content)
+    finally:
+        os.close(fd)
+    os.chmod(path, mode)                 # whatever the umask said
+    return content
+
+
+def _remove(*paths):
+    for p in paths:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+
+
+def _unchanged(path, content, mode):
+    st = os.lstat(path)
+    with open(path, "rb") as f:
+        got = f.read()
+    assert got == content, f"{path} was written to (now {len(got)} bytes)"
+    assert st.st_mode & 0o777 == mode, f"{path} mode changed to {oct(st.st_mode & 0o777)}"
+
+
+@pytest.mark.parametrize("which", ["index", "pool"])
+@pytest.mark.parametrize("create", [True, False], ids=["create", "attach"])
+def test_planted_world_writable_file_is_refused(store_name, which, create):
+    index, pool = store_files(store_name)
+    path = index if which == "index" else pool
+    try:
+        content = _plant(path, 0o666)
+        with pytest.raises((PermissionError, FileExistsError, FileNotFoundError)) as ei:
+            dedupshm.Store(store_name, create=create)
+        if create or which == "index":
+            # a planted file must be refused as such, naming it
+            assert isinstance(ei.value, PermissionError), repr(ei.value)
+            assert path in str(ei.value), f"the error does not name {path}: {ei.value}"
+        _unchanged(path, content, 0o666)
+    finally:
+        _remove(index, pool)
+
+
+def test_store_with_group_bits_is_refused_on_attach(make_store, store_name):
+    s = make_store(store_name)
+    s["a"] = b"x" * 5000
+    s.close()
+    index, pool = store_files(store_name)
+    for path in (index, pool):
+        os.chmod(path, 0o640)
+        try:
+            with pytest.raises(PermissionError, match=os.path.basename(path)):
+                _fresh_attach(store_name)
+        finally:
+            os.chmod(path, 0o600)
+    assert _fresh_attach(store_name) == "ok"
+
+
+def _fresh_attach(name):
+    """Attach in a new process (this one may have the store cached)."""
+    r = subprocess.run([sys.executable, "-c", (
+        "import dedupshm, sys\n"
+        "try:\n"
+        "    dedupshm.Store(sys.argv[1]).stats()\n"
+        "except PermissionError as e:\n"
+        "    print('PermissionError', e); sys.exit(3)\n"
+        "print('ok')\n"), name], capture_output=True, text=True, timeout=60)
+    if r.returncode == 3:
+        raise PermissionError(r.stdout.strip())
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_symlink_planted_as_index_is_not_followed(store_name, tmp_path):
+    index, pool = store_files(store_name)
+    target = tmp_path / "victim-file"
+    target.write_bytes(b"do not touch")
+    os.chmod(target, 0o600)
+    os.symlink(target, index)
+    try:
+        with pytest.raises(OSError):
+            dedupshm.Store(store_name, create=True)
+        assert target.read_bytes() == b"do not touch"
+        assert os.stat(target).st_mode & 0o777 == 0o600
+        assert not os.path.exists(pool) or os.path.islink(pool) is False
+    finally:
+        _remove(index, pool)
+
+
+def test_create_over_a_file_that_is_not_a_store_does_not_truncate(store_name):
+    index, pool = store_files(store_name)
+    try:
+        content = _plant(index, 0o600, os.urandom(8192))
+        with pytest.raises((dedupshm.DedupShmError, OSError)):
+            dedupshm.Store(store_name, create=True)
+        _unchanged(index, content, 0o600)
+        assert not os.path.exists(pool), "create made a pool next to a file it refused"
+    finally:
+        _remove(index, pool)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant files as another uid")
+def test_files_planted_by_another_user_are_refused(store_name):
+    """The issue's attack: uid 65534 pre-creates both files 0666; the victim
+    (root here) creates the store: it must refuse, and write nothing the
+    other user could read."""
+    index, pool = store_files(store_name)
+
+    def plant():
+        _plant(index, 0o666)
+        _plant(pool, 0o666, b"")
+        return "planted"
+    try:
+        assert _as_other_user(plant) == "planted"
+        with pytest.raises(PermissionError) as ei:
+            dedupshm.Store(store_name, create=True)
+        assert index in str(ei.value) or pool in str(ei.value), str(ei.value)
+        _unchanged(index, b"planted by someone else", 0o666)
+        _unchanged(pool, b"", 0o666)
+        assert os.stat(index).st_uid == NOBODY
+    finally:
+        _remove(index, pool)
+
+
+# ================================================================ unprivileged, against a real other user
+
+FOREIGN = os.environ.get("DEDUPSHM_CI_FOREIGN_STORE")
+
+
+@pytest.mark.skipif(not FOREIGN or os.geteuid() == 0,
+                    reason="needs DEDUPSHM_CI_FOREIGN_STORE: a store of another user (.ci/run "
+                           "creates one as root and runs this file unprivileged)")
+def test_store_of_another_user_unprivileged():
+    """Run as an unprivileged user against a store root created: no attach,
+    no create over it, no direct read of its files, no unlink."""
+    index, pool = store_files(FOREIGN)
+    assert os.stat(index).st_uid != os.geteuid()
+    for create in (False, True):
+        with pytest.raises(PermissionError):
+            dedupshm.Store(FOREIGN, create=create)
+    for path in (index, pool):
+        with pytest.raises(PermissionError):
+            open(path, "rb")
+        with pytest.raises(PermissionError):
+            os.remove(path)               # /dev/shm is sticky
+    assert os.path.exists(index) and os.path.exists(pool)
+
+
+def test_unprivileged_store_works_and_is_private(make_store, store_name):
+    """The whole lifecycle as whoever runs the suite (CI runs it as root and
+    again as an unprivileged user, whose merger has no userfaultfd)."""
+    s = make_store(store_name)
+    arr = rand_array(2 * MiB, 7)
+    s["a"] = arr
+    s["b"] = arr
+    assert (np.asarray(s["b"]) == arr).all()
+    m = s.mergeable_array(arr.nbytes, np.uint8)
+    m[:] = arr
+    s.merger.scan()
+    s.merger.scan()
+    assert (m == arr).all()
+    m[:PAGE] = 1                          # copy-on-write after a merge
+    assert (np.asarray(s["a"]) == arr).all()
+    for path in store_files(store_name):
+        st = os.stat(path)
+        assert st.st_uid == os.geteuid() and st.st_mode & 0o777 == 0o600
+    assert s.check().ok
+    del m
