@@ -161,7 +161,7 @@ typedef struct ds_pending {
     uint32_t pages[];
 } ds_pending;
 
-/* Merger hint table: a lossy, direct-mapped table of fingerprints of
+/* Merger hint table: a lossy, 4-way set-associative table of fingerprints of
  * stable (unchanged across two looks) pages that are not in the pool
  * yet, and whose they are.  When a second process finds a page with the
  * same fingerprint there, it copies its page into the pool; the first

@@ -338,6 +338,7 @@ def _heap_chunks(index_path):
     return out
 
 
+@pytest.mark.corrupts_store
 def test_chunk_with_unknown_class_is_never_freed_into_the_header(make_store):
     """A blob whose class byte is corrupt: freeing it used to index the
     class tables with it (free_head[126] is the 'objects' counter)."""
