@@ -190,6 +190,15 @@ static void release_handle(ds_store *s, uint32_t h) {
 
 /* ---- ObjectRef cells ---- */
 
+/* *out now holds one use of (obj, gen): the last store is 'held'.  pin_mu held. */
+static void ref_fill(ds_store *s, ds_ref *out, uint32_t obj, uint64_t gen) {
+    out->obj = obj;
+    out->gen = gen;
+    out->store = s;
+    ref_get(s);
+    __atomic_store_n(&out->held, 1, __ATOMIC_RELEASE);
+}
+
 int ds_put_ref(ds_store *s, const uint8_t *key, uint32_t keylen,
                const uint8_t *desc, uint32_t desclen,
                const ds_iov *bufs, uint32_t nbufs, uint32_t flags, ds_ref *out) {
@@ -202,13 +211,7 @@ int ds_put_ref(ds_store *s, const uint8_t *key, uint32_t keylen,
     if (rc == 0) {
         pthread_mutex_lock(&s->pin_mu);
         h = pin_adopt(s, obj, gen, h, &rc);
-        if (rc == 0) {
-            out->obj = obj;
-            out->gen = gen;
-            out->store = s;
-            ref_get(s);
-            out->held = 1;
-        }
+        if (rc == 0) ref_fill(s, out, obj, gen);
         pthread_mutex_unlock(&s->pin_mu);
         release_handle(s, h);
     }
@@ -222,13 +225,7 @@ int ds_ref_pin(ds_store *s, uint32_t obj, uint64_t gen, ds_ref *out) {
     pthread_mutex_lock(&s->pin_mu);
     if (out->held) rc = DS_EINVAL;
     else rc = pin_take(s, obj, gen);
-    if (rc == 0) {
-        out->obj = obj;
-        out->gen = gen;
-        out->store = s;
-        ref_get(s);
-        out->held = 1;
-    }
+    if (rc == 0) ref_fill(s, out, obj, gen);
     pthread_mutex_unlock(&s->pin_mu);
     ds_leave(s);
     return rc;
@@ -258,13 +255,7 @@ int ds_ref_claim(ds_store *s, uint64_t token, uint32_t obj, uint64_t gen, ds_ref
     pthread_mutex_lock(&s->pin_mu);
     if (claimed) h = pin_adopt(s, obj, gen, h, &rc);
     else rc = pin_take(s, obj, gen);
-    if (rc == 0) {
-        out->obj = obj;
-        out->gen = gen;
-        out->store = s;
-        ref_get(s);
-        out->held = 1;
-    }
+    if (rc == 0) ref_fill(s, out, obj, gen);
     pthread_mutex_unlock(&s->pin_mu);
     release_handle(s, h);
     ds_leave(s);
@@ -351,27 +342,17 @@ static int view_open(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_v
     int rc = vi->own ? DS_EINVAL : pin_take(s, obj, gen);
     pthread_mutex_unlock(&s->pin_mu);
     if (rc) return rc;
-    ds_viewinfo tmp;
-    rc = ds_view(s, obj, gen, writable, &tmp);   /* reads the blob under our pin */
+    rc = ds_view(s, obj, gen, writable, vi);     /* reads the blob under our pin */
     pthread_mutex_lock(&s->pin_mu);
     uint32_t h = 0;
     if (rc) {
         h = pin_drop(s, obj, gen);
     } else {
-        vi->data = tmp.data;
-        vi->size = tmp.size;
-        vi->map_len = tmp.map_len;
-        vi->desc = tmp.desc;
-        vi->desclen = tmp.desclen;
-        vi->nbufs = tmp.nbufs;
-        vi->bufs = tmp.bufs;
-        vi->small = tmp.small;
-        vi->extents = tmp.extents;
         vi->obj = obj;
         vi->gen = gen;
         vi->store = s;
         ref_get(s);
-        vi->own = DS_OWN_PIN | (tmp.map_len ? DS_OWN_MAP : 0);
+        __atomic_store_n(&vi->own, DS_OWN_PIN | (vi->map_len ? DS_OWN_MAP : 0), __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&s->pin_mu);
     release_handle(s, h);
