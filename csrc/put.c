@@ -11,6 +11,10 @@
  *   1. (lock)     create an OBJECT in state CREATED owned by this client,
  *                 with a PENDING list of its pages (all DS_ZERO).
  * then for each piece of PUT_CHUNK pages (two threads for large values):
+ *   1b. if the previous piece ended on pool page P, predict P+1.. for this
+ *      one (lock: take references if all are published; no lock: compare
+ *      bytes): a whole-piece match is done -- a duplicate of a stored
+ *      value costs one read of both copies.  Else:
  *   2. (no lock)  note zero pages; fingerprint the others; find pages equal
  *                 to an earlier page of the same piece (within-value dedup).
  *   3. (lock)     for each page, take a reference on a published page with
@@ -248,15 +252,65 @@ static void resolve_same(put_job *j, ds_pending *pd, uint32_t c, uint32_t m, con
     }
 }
 
+/* The prediction: a value that matched pool page P at its page i most
+ * likely goes on as P+1, P+2, ... (a duplicate of a stored value, or of
+ * a stored prefix).  Lock: take a reference on each of the m predicted
+ * pages if all are published; no lock: compare them byte for byte with
+ * the piece (stopping at the first difference).  1 if the whole piece is
+ * so resolved -- no zero checks, no fingerprints, no index lookups: a
+ * duplicate put reads both copies once, which is the floor.  0 if not:
+ * the references are given back and the piece goes the usual way. */
+static int put_predicted(put_job *j, uint32_t c, uint32_t m, uint32_t pred, int *rc) {
+    ds_store *s = j->s;
+    if (pred == DS_NIL || (uint64_t)pred + m > s->hdr->page_hwm) return 0;
+    if ((*rc = ds_lock(s))) return 0;
+    ds_pending *pd = job_pending(j, rc);
+    uint32_t k = 0;
+    if (pd)
+        for (; k < m; k++) {
+            ds_pmeta *pm = DS_PMETA(s, pred + k);
+            if (pm->refcnt == 0 || pm->next == DS_UNHASHED) break;   /* free, or not published */
+        }
+    if (!pd || k < m) {
+        ds_unlock(s);
+        return 0;
+    }
+    for (k = 0; k < m; k++) {
+        ds_page_incref(s, pred + k);
+        pd->pages[c + k] = j->pages[c + k] = pred + k;
+    }
+    ds_unlock(s);
+    /* published pages we hold references on never change: compare freely */
+    for (k = 0; k < m; k++)
+        if (memcmp(DS_POOL_RO(s, pred + k), j->src[c + k].p, DS_PAGE_SIZE) != 0) break;
+    if (k == m) return 1;
+    if ((*rc = ds_lock(s))) return 0;
+    if ((pd = job_pending(j, rc)))
+        for (k = 0; k < m; k++) {
+            ds_page_decref(s, pred + k);
+            pd->pages[c + k] = j->pages[c + k] = DS_ZERO;
+        }
+    ds_unlock(s);
+    return 0;
+}
+
 static void *put_range(void *arg) {
     put_job *j = arg;
     ds_store *s = j->s;
     uint64_t fps[PUT_CHUNK];
     uint32_t fresh[PUT_CHUNK], missidx[PUT_CHUNK], candidx[PUT_CHUNK], falseidx[PUT_CHUNK];
     uint8_t zero[PUT_CHUNK], same[PUT_CHUNK];
+    uint32_t pred = DS_NIL;                      /* pool page predicted for page c */
     for (uint32_t c = j->lo; c < j->hi; c += PUT_CHUNK) {
         uint32_t e = c + PUT_CHUNK < j->hi ? c + PUT_CHUNK : j->hi, m = e - c;
         uint32_t nsame = 0;
+        if (j->dedup) {
+            int rc = 0;
+            if (put_predicted(j, c, m, pred, &rc)) { pred += m; continue; }
+            if (rc) { j->rc = rc; return NULL; }
+            /* next piece: predict from where this one ends (set below) */
+            pred = DS_NIL;
+        }
         uint8_t seen[2 * PUT_CHUNK];             /* open addressing on fingerprints */
         memset(seen, NOSAME, sizeof seen);
         for (uint32_t i = 0; i < m; i++) {
@@ -329,6 +383,7 @@ static void *put_range(void *arg) {
             memcpy(missidx, all, 4ull * nall);
             nmiss = nall;
         }
+        pred = j->pages[e - 1] != DS_ZERO ? j->pages[e - 1] + 1 : DS_NIL;
         if (nmiss == 0) continue;                /* in-piece duplicates resolved above */
         rc = ds_pool_reserve(s, fresh, nmiss);
         if (rc) { j->rc = rc; return NULL; }
@@ -353,7 +408,9 @@ static void *put_range(void *arg) {
             }
         }
         if (nsame) resolve_same(j, pd, c, m, same);
+        uint32_t last = j->pages[e - 1];
         ds_unlock(s);
+        pred = last != DS_ZERO ? last + 1 : DS_NIL;
     }
     return NULL;
 }
