@@ -17,6 +17,7 @@ targets
   duplicate put >= 5x faster than shared_memory create+copy, and no
             slower than Ray's warm unique put
 """
+import ctypes
 import gc
 import time
 
@@ -77,7 +78,7 @@ def _warm(arr, warmup, reps, ray, res):
     """Warm unique put, duplicate put, shm warm copy and ray.put, measured
     round-robin in one loop (rotating the order), so that noise from other
     processes on this machine hits all of them alike."""
-    times = {"ours": [], "dup": [], "shm": [], "ray": []}
+    times = {"ours": [], "dup": [], "shm": [], "ray": [], "memcmp": []}
     dup_arr = arr.copy()
     perturb(dup_arr, 10_000_000)
     counter = [0]
@@ -115,6 +116,16 @@ def _warm(arr, warmup, reps, ray, res):
             del ref
             return dt
 
+        libc = ctypes.CDLL(None)
+        libc.memcmp.restype = ctypes.c_int
+        libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        twin = dup_arr.copy()                 # equal bytes: memcmp reads both copies whole
+
+        def op_memcmp():
+            t0 = ns()
+            libc.memcmp(dup_arr.ctypes.data, twin.ctypes.data, dup_arr.nbytes)
+            return (ns() - t0) / 1e9
+
         def op_shm():
             fresh()
             t0 = ns()
@@ -133,7 +144,7 @@ def _warm(arr, warmup, reps, ray, res):
             return dt
 
         checked = [False]
-        ops = [("ours", op_ours), ("dup", op_dup), ("shm", op_shm)]
+        ops = [("ours", op_ours), ("dup", op_dup), ("shm", op_shm), ("memcmp", op_memcmp)]
         ray_first = None
         if ray is not None:
             fresh()
@@ -154,7 +165,7 @@ def _warm(arr, warmup, reps, ray, res):
                     times[name].append(dt)
             if i == 0:
                 _check_unique(s, arr, res)
-        del dst
+        del dst, twin
         s.delete(ref0)
         del ref0
     return times, ray_first
@@ -194,6 +205,8 @@ def run(quick=False, use_ray=True):
         res.row("warm unique put throughput vs ray.put warm", thr(ow), thr(rw), "ray.put warm",
                 unit="B/s", better="higher")
     res.row(f"duplicate put {tag} vs shm create+copy", od, sc, "shm create+copy")
+    res.row(f"duplicate put {tag} vs one memcmp of the two copies", od, median(t["memcmp"]),
+            "memcmp")
     res.row(f"duplicate put {tag} vs shm warm copy", od, sw, "shm warm copy")
     if ray is not None:
         res.row(f"duplicate put {tag} vs ray.put warm (unique)", od, rw, "ray.put warm")
