@@ -187,14 +187,18 @@ static __thread uint32_t punch_p[PUNCH_RUNS], punch_len[PUNCH_RUNS];
 static __thread uint32_t punch_n;
 static __thread ds_store *punch_s;
 
-/* Punch one run of free pages [p, p+n) and mark them unbacked.  Lock held. */
+/* Punch one run of free pages [p, p+n) and mark them unbacked.  Lock held.
+ * The bits go first: a crash in between leaves pages marked unbacked that
+ * are still backed (reserved again, harmlessly, on reuse), never pages
+ * marked backed that are holes (their first write could SIGBUS on a full
+ * tmpfs). */
 static void punch_run(ds_store *s, uint32_t p, uint32_t n) {
     ds_header *h = s->hdr;
     uint64_t *backed = bm_backed(s);
-    ds_fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                 (uint64_t)p * DS_PAGE_SIZE, (uint64_t)n * DS_PAGE_SIZE);
     for (uint32_t k = p; k < p + n; k++) bit_clr(backed, k);
     h->warm_free = h->warm_free >= n ? h->warm_free - n : 0;
+    ds_fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 (uint64_t)p * DS_PAGE_SIZE, (uint64_t)n * DS_PAGE_SIZE);
 }
 
 /* Punch the queued pages that are still free and backed (an allocation

@@ -80,9 +80,9 @@ def register(core, decay_ms):
         if ent is not None and ent[0]() is core:
             ent[1] = decay_ms
         else:
-            key = id(core)
-            wr = weakref.ref(core, lambda _r, key=key: _forget(key, _r))
-            _st.cores[key] = [wr, decay_ms, ffi.new("uint32_t *")]
+            # no callback: a weakref callback runs inside any allocation,
+            # maybe while this thread holds _st.lock; the thread prunes
+            _st.cores[id(core)] = [weakref.ref(core), decay_ms, ffi.new("uint32_t *")]
         _start_locked()
     _st.wake.set()
 
@@ -92,14 +92,6 @@ def kick():
     if _st.thread is None and _st.cores and not _st.stop:
         with _st.lock:
             _start_locked()
-
-
-def _forget(key, wr):
-    st = _st
-    with st.lock:
-        ent = st.cores.get(key)
-        if ent is not None and ent[0] is wr:
-            del st.cores[key]
 
 
 def _start_locked():
@@ -129,6 +121,8 @@ def _run(st):
     left = ffi.new("uint64_t *")
     while True:
         with st.lock:
+            for key in [k for k, e in st.cores.items() if e[0]() is None]:
+                del st.cores[key]            # collected: its store is closed
             if st.stop or not st.cores or st is not _st:
                 if st.thread is threading.current_thread():
                     st.thread = None
