@@ -52,6 +52,7 @@ def test_delete_does_not_punch(make_store):
     assert pool_bytes(s) == before               # nothing returned on the delete path
     st = s.stats()
     assert st["pages_free_warm"] == 48 * MiB // PAGE
+    assert st["warm_bytes"] == 48 * MiB
     assert st["physical_bytes"] == 0             # warm pages are not stored data
     assert s.check().ok
 

@@ -491,6 +491,8 @@ class Store:
         phys, logical = s["physical_bytes"], s["logical_bytes"]
         s["dedup_ratio"] = (logical / phys) if phys else (float("inf") if logical else 1.0)
         s["merger_cpu_seconds"] = s.pop("merger_cpu_ns") / 1e9
+        # freed pages still faulted in (decaying); not part of physical_bytes
+        s["warm_bytes"] = s["pages_free_warm"] * 4096
         return s
 
     def gc(self):
