@@ -3,7 +3,7 @@
     python benchmarks/run_all.py            full run (< 10 min)
     python benchmarks/run_all.py --quick    smoke run for CI (~2 min, merger ~50 s)
     options: --json [PATH]  write results (default benchmarks/results.json)
-             --only NAME..  run some (memory merger fingerprint small put get)
+             --only NAME..  run some (memory merger fingerprint small put churn get)
              --no-ray       skip the Ray peer
              --strict       exit 1 when a target is missed
 
@@ -29,10 +29,11 @@ import _common  # noqa: E402
 
 # memory and merger first: they read the machine-wide Shmem counter, best
 # before Ray's object store exists
-ORDER = ["memory", "merger", "fingerprint", "small", "put", "get"]
+ORDER = ["memory", "merger", "fingerprint", "small", "put", "churn", "get"]
 
 
 def _modules():
+    import bench_churn
     import bench_fingerprint
     import bench_get
     import bench_memory
@@ -40,7 +41,8 @@ def _modules():
     import bench_put
     import bench_small
     return {"memory": bench_memory, "merger": bench_merger, "fingerprint": bench_fingerprint,
-            "small": bench_small, "put": bench_put, "get": bench_get}
+            "small": bench_small, "put": bench_put, "churn": bench_churn,
+            "get": bench_get}
 
 
 def _versions():

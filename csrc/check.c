@@ -209,7 +209,8 @@ int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
 
     /* 4. pages */
     const uint64_t *used = (const uint64_t *)(s->ix + h->used_off);
-    uint64_t pages_used = 0, shared = 0, sharing = 0, hashed = 0;
+    const uint64_t *backed = (const uint64_t *)(s->ix + h->backed_off);
+    uint64_t pages_used = 0, shared = 0, sharing = 0, hashed = 0, warm = 0;
     for (uint32_t p = 0; p < hwm; p++) {
         ds_pmeta *m = DS_PMETA(s, p);
         int u = (int)((used[p >> 6] >> (p & 63)) & 1);
@@ -220,6 +221,8 @@ int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
         if (m->refcnt) {
             pages_used++;
             if (m->refcnt >= 2) { shared++; sharing += m->refcnt - 1; }
+        } else if (!u && ((backed[p >> 6] >> (p & 63)) & 1)) {
+            warm++;                               /* free and still backed */
         }
         if (m->next != DS_UNHASHED && m->refcnt) {
             hashed++;
@@ -248,6 +251,7 @@ int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
     CMP(pages_shared, shared);
     CMP(pages_sharing, sharing);
     CMP(pages_zero, zero);
+    CMP(warm_free, warm);
 #undef CMP
     out->objects = objects;
     out->pages = pages_used;

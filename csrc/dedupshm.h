@@ -310,6 +310,15 @@ typedef struct ds_checkinfo {
  * when it finds problems (they are in out->errors). */
 int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out);
 
+/* Return to the kernel the warm (freed, still faulted) pages that have
+ * been free for at least decay_ms: one hole punch per run of pages, in
+ * bounded slices under the lock, at most one pass over the pool per
+ * call, resuming at *cursor (the caller's, initially 0).  *returned: pages
+ * punched; *warm_left: warm pages still held.  Any thread, no lock held;
+ * the Python side calls it from a per-process daemon thread (_decay.py). */
+int ds_decay(ds_store *s, uint32_t decay_ms, uint32_t *cursor, uint64_t *returned,
+             uint64_t *warm_left);
+
 /* Salted 64-bit fingerprint of one page, and over n pages (benchmarks). */
 uint64_t ds_fingerprint(ds_store *s, const void *page);
 uint64_t ds_fingerprint_pages(ds_store *s, const void *pages, uint64_t n);

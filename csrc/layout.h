@@ -85,7 +85,11 @@ typedef struct ds_client {
  * next:   chain in the content index; DS_UNHASHED while the page is
  *         private to a writer (being filled, or DS_NODEDUP).
  * All fields under hdr->lock.  A page with next != DS_UNHASHED is
- * immutable while refcnt > 0. */
+ * immutable while refcnt > 0.
+ * A FREE page (refcnt 0) that is still backed ("warm") keeps in fp the
+ * time it was freed: the low 32 bits of CLOCK_MONOTONIC in milliseconds
+ * (ds_now_ms32), compared modulo 2^32; ds_decay punches it once it has
+ * been free for the decay time (pool.c). */
 typedef struct ds_pmeta {
     uint32_t fp;
     uint32_t refcnt;
@@ -313,6 +317,10 @@ int  ds_pool_reserve(ds_store *s, const uint32_t *pages, uint32_t n);
 void ds_page_free_raw(ds_store *s, uint32_t page);
 void ds_page_decref_cold(ds_store *s, uint32_t page);
 int  ds_pmeta_ensure(ds_store *s, uint32_t page);
+uint32_t ds_now_ms32(void);          /* CLOCK_MONOTONIC ms, low 32 bits: freed-page stamps */
+void ds_punch_flush(ds_store *s);    /* lock held: punch pages freed past the warm cap */
+int  ds_decay_in(ds_store *s, uint32_t decay_ms, uint32_t *cursor, uint64_t *returned,
+                 uint64_t *warm_left);
 /* merger.c */
 void ds_merger_close(ds_store *s);
 /* refs.c */

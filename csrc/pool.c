@@ -12,12 +12,24 @@
  * out of the tmpfs file; at most hdr->warm_pages stay warm.  A page is
  * punched only when nothing references it: punching zeroes it under every
  * mapping, so it must be unreachable first (DESIGN.md, traps).
+ *
+ * Decay (like jemalloc's dirty_decay_ms).  Freeing never punches a page
+ * while the warm cap has room: the page stays warm and its page meta 'fp'
+ * records when it was freed (layout.h).  ds_decay(), driven by a
+ * background thread of each process (src/dedupshm/_decay.py), punches
+ * warm pages idle longer than the decay time, one fallocate per run of
+ * consecutive pages, in bounded slices under the lock.  Pages freed past
+ * the cap (or lost to a publish race) are queued in a per-thread list and
+ * punched in runs by ds_punch_flush() before the lock is released
+ * (ds_unlock): until then they are free, backed and counted warm, so
+ * warm_free == the number of free backed pages whenever the lock is free.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include "layout.h"
 
 #ifndef MADV_POPULATE_WRITE
@@ -160,6 +172,75 @@ void ds_page_decref_cold(ds_store *s, uint32_t page) {
     }
 }
 
+uint32_t ds_now_ms32(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint32_t)((uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u);
+}
+
+/* Pages freed past the warm cap by this thread, as runs (a value's pages
+ * are freed in order, so they coalesce), to be punched before it releases
+ * the lock.  Thread-local (and small: static TLS): only the lock holder
+ * fills or flushes it, and every thread flushes before it unlocks. */
+#define PUNCH_RUNS 24u
+static __thread uint32_t punch_p[PUNCH_RUNS], punch_len[PUNCH_RUNS];
+static __thread uint32_t punch_n;
+static __thread ds_store *punch_s;
+
+/* The freed-at stamp, read once per lock hold (a clock read per page
+ * was half of a 256 MiB delete); ds_punch_flush, at unlock, forgets it. */
+static __thread uint32_t stamp_ms;
+static __thread int stamp_ok;
+
+/* Punch one run of free pages [p, p+n) and mark them unbacked.  Lock held.
+ * The bits go first: a crash in between leaves pages marked unbacked that
+ * are still backed (reserved again, harmlessly, on reuse), never pages
+ * marked backed that are holes (their first write could SIGBUS on a full
+ * tmpfs). */
+static void punch_run(ds_store *s, uint32_t p, uint32_t n) {
+    ds_header *h = s->hdr;
+    uint64_t *backed = bm_backed(s);
+    for (uint32_t k = p; k < p + n; k++) bit_clr(backed, k);
+    h->warm_free = h->warm_free >= n ? h->warm_free - n : 0;
+    ds_fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 (uint64_t)p * DS_PAGE_SIZE, (uint64_t)n * DS_PAGE_SIZE);
+}
+
+/* Punch the queued pages that are still free and backed (an allocation
+ * in the same critical section may have taken some back), one fallocate
+ * per run.  Lock held; ds_unlock calls it. */
+void ds_punch_flush(ds_store *s) {
+    stamp_ok = 0;
+    if (!punch_n) return;
+    uint32_t n = punch_n;
+    punch_n = 0;
+    if (punch_s != s) return;                      /* cannot happen: flushed at unlock */
+    uint64_t *used = bm_used(s), *backed = bm_backed(s);
+    for (uint32_t r = 0; r < n; r++) {
+        uint32_t end = punch_p[r] + punch_len[r], p = punch_p[r];
+        while (p < end) {
+            if (bit_get(used, p) || !bit_get(backed, p)) { p++; continue; }
+            uint32_t q = p + 1;
+            while (q < end && !bit_get(used, q) && bit_get(backed, q)) q++;
+            punch_run(s, p, q - p);
+            p = q;
+        }
+    }
+}
+
+static void punch_later(ds_store *s, uint32_t page) {
+    if (punch_n && punch_s != s) ds_punch_flush(punch_s);   /* cannot happen */
+    punch_s = s;
+    if (punch_n) {
+        uint32_t r = punch_n - 1;
+        if (punch_p[r] + punch_len[r] == page) { punch_len[r]++; return; }
+        if (page + 1 == punch_p[r]) { punch_p[r]--; punch_len[r]++; return; }
+    }
+    if (punch_n == PUNCH_RUNS) ds_punch_flush(s);
+    punch_p[punch_n] = page;
+    punch_len[punch_n++] = 1;
+}
+
 static void page_free(ds_store *s, uint32_t page, int keep_warm) {
     ds_header *h = s->hdr;
     ds_pmeta *m = DS_PMETA(s, page);
@@ -168,16 +249,69 @@ static void page_free(ds_store *s, uint32_t page, int keep_warm) {
     m->refcnt = 0;
     bit_clr(bm_used(s), page);
     h->pages_used--;
-    if (!bit_get(bm_backed(s), page)) {
-        /* never backed: nothing to return */
-    } else if (keep_warm && h->warm_free < h->warm_pages) {
-        h->warm_free++;
-    } else {
-        ds_fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                     (uint64_t)page * DS_PAGE_SIZE, DS_PAGE_SIZE);
-        bit_clr(bm_backed(s), page);
-    }
     if (page < h->alloc_hint) h->alloc_hint = page;
+    if (!bit_get(bm_backed(s), page)) return;      /* never backed: nothing to return */
+    /* warm: stays backed; 'fp' of a free page is when it was freed */
+    if (!stamp_ok) { stamp_ms = ds_now_ms32(); stamp_ok = 1; }
+    m->fp = stamp_ms;
+    int over = !keep_warm || h->warm_free >= h->warm_pages;
+    h->warm_free++;
+    if (!over) return;
+    punch_later(s, page);
+}
+
+/* One pass (at most) over the pool from *cursor: punch every warm page
+ * freed at least decay_ms ago, in runs, in slices of at most SLICE_WORDS
+ * bitmap words and SLICE_PAGES punched pages per lock hold.  Called
+ * without the lock, by any thread (refs.c's guard around it).  Returns
+ * the pages returned and the warm pages left. */
+#define SLICE_WORDS 512u
+#define SLICE_PAGES 4096u
+int ds_decay_in(ds_store *s, uint32_t decay_ms, uint32_t *cursor, uint64_t *returned,
+                uint64_t *warm_left) {
+    uint64_t done = 0;
+    uint32_t pos = *cursor, scanned = 0;
+    int rc = 0;
+    for (;;) {
+        if ((rc = ds_lock(s)) != 0) break;
+        ds_header *h = s->hdr;
+        uint32_t hwm = h->page_hwm;
+        if (hwm > h->cap_pages) hwm = h->cap_pages;
+        if (h->warm_free == 0 || hwm == 0 || scanned >= hwm) {
+            *warm_left = h->warm_free;
+            ds_unlock(s);
+            break;
+        }
+        if (pos >= hwm) pos = 0;
+        pos &= ~63u;
+        uint64_t *used = bm_used(s), *backed = bm_backed(s);
+        uint32_t now = ds_now_ms32(), punched = 0, words = 0;
+        uint32_t run0 = 0, runn = 0;
+        while (words < SLICE_WORDS && punched < SLICE_PAGES && pos < hwm && scanned < hwm) {
+            uint64_t warm = __atomic_load_n(&backed[pos >> 6], __ATOMIC_RELAXED) & ~used[pos >> 6];
+            for (uint32_t b = 0; warm && b < 64; b++) {
+                uint32_t p = pos + b;
+                if (!((warm >> b) & 1) || p >= hwm) continue;
+                if ((uint32_t)(now - DS_PMETA(s, p)->fp) < decay_ms) continue;
+                if (runn && run0 + runn == p) { runn++; continue; }
+                if (runn) punch_run(s, run0, runn);
+                punched += runn;
+                run0 = p;
+                runn = 1;
+            }
+            pos += 64;
+            scanned += 64;
+            words++;
+        }
+        if (runn) { punch_run(s, run0, runn); punched += runn; }
+        done += punched;
+        *warm_left = h->warm_free;
+        ds_unlock(s);
+        if (__atomic_load_n(&s->closed, __ATOMIC_RELAXED)) break;
+    }
+    *cursor = pos;
+    *returned = done;
+    return rc;
 }
 
 void ds_page_decref(ds_store *s, uint32_t page) {

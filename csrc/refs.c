@@ -305,6 +305,10 @@ int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
     GUARDED(ds_check_in(s, buf, buflen, out));
 }
 
+int ds_decay(ds_store *s, uint32_t decay_ms, uint32_t *cursor, uint64_t *returned,
+             uint64_t *warm_left) {
+    GUARDED(ds_decay_in(s, decay_ms, cursor, returned, warm_left));
+}
 int ds_merge_scan(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
     GUARDED(ds_merge_scan_in(s, max_pages, out));
 }

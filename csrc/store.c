@@ -144,7 +144,12 @@ int ds_lock(ds_store *s) {
     return rc;
 }
 
-void ds_unlock(ds_store *s) { pthread_mutex_unlock(&s->hdr->lock); }
+/* Pages freed past the warm cap in this critical section are punched
+ * (in runs) before the lock goes (pool.c). */
+void ds_unlock(ds_store *s) {
+    ds_punch_flush(s);
+    pthread_mutex_unlock(&s->hdr->lock);
+}
 
 /* ---- open / create ---- */
 
@@ -706,7 +711,8 @@ static void ds_rebuild(ds_store *s) {
         } else {
             used[p >> 6] &= ~bit;
             if (backed[p >> 6] & bit) {
-                if (h->warm_free < h->warm_pages) h->warm_free++;
+                /* warm: decays from now (its freed time is lost with the crash) */
+                if (h->warm_free < h->warm_pages) { h->warm_free++; m->fp = ds_now_ms32(); }
                 else {
                     ds_fallocate(s->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                  (uint64_t)p * DS_PAGE_SIZE, DS_PAGE_SIZE);

@@ -4,15 +4,24 @@ import os
 import re
 import time
 
-from . import _attach, serialize
+from . import _attach, _decay, serialize
 from ._native import MAX_KEY, Core
 from .errors import StoreClosedError, StoreFullError
 
 DEFAULT_DIRECTORY = "/dev/shm"
 #: Share of the directory's free space a new store may use by default.
 DEFAULT_CAPACITY_SHARE = 0.5
-#: Freed pages kept faulted in for reuse, by default (per store).
-DEFAULT_WARM_BYTES = 32 << 20
+#: Freed pages kept faulted in for reuse, by default (per store): at least
+#: 256 MiB (one large value can be freed and put again without a page
+#: fault or a hole punch), or an eighth of the capacity for big stores, at
+#: most the capacity.  It is a cap, not a reservation: warm pages go back
+#: to the kernel once idle for the decay time (``decay_s``, _decay.py).
+DEFAULT_WARM_MIN = 256 << 20
+DEFAULT_WARM_SHARE = 1 / 8
+
+
+def default_warm_bytes(capacity):
+    return min(capacity, max(DEFAULT_WARM_MIN, int(capacity * DEFAULT_WARM_SHARE)))
 #: Seconds a pickled ObjectRef keeps its object alive if never unpickled.
 DEFAULT_TRANSIT_TTL = 3600
 GC_INTERVAL = 2.0
@@ -214,22 +223,26 @@ class Store:
 
     ``capacity`` bounds the physical bytes of object data (int or
     "512MiB"); by default half the free space of ``directory`` when the
-    store is created.  ``warm_bytes`` of freed pages are kept faulted in
-    for reuse; the rest goes back to the OS at once.  Page dedup is a
+    store is created.  Freed pages stay faulted in ("warm") for reuse, up
+    to ``warm_bytes`` (default: max(256 MiB, capacity / 8), at most the
+    capacity; the rest goes back to the OS at once), and are returned to
+    the OS by a background thread once unused for ``decay_s`` seconds
+    (default 10, or the environment's DEDUPSHM_DECAY_MS).  Page dedup is a
     timing side channel between the processes of a store: pass
     ``dedup=False`` to :meth:`put` for values that must not share pages.
     """
 
     def __init__(self, name, *, create=False, capacity=None, directory=None,
-                 warm_bytes=None, transit_ttl=None, merger=False):
+                 warm_bytes=None, transit_ttl=None, merger=False, decay_s=None):
         check_name(name)
+        decay_ms = _decay.decay_ms_of(decay_s)
         directory = directory or DEFAULT_DIRECTORY
         if create:
             if capacity is None:
                 st = os.statvfs(directory)
                 capacity = max(int(st.f_bavail * st.f_frsize * DEFAULT_CAPACITY_SHARE), 1 << 20)
             capacity = parse_size(capacity, "capacity")
-            warm = DEFAULT_WARM_BYTES if warm_bytes is None else warm_bytes
+            warm = default_warm_bytes(capacity) if warm_bytes is None else warm_bytes
             warm = 0 if warm == 0 else parse_size(warm, "warm_bytes")
             ttl = DEFAULT_TRANSIT_TTL if transit_ttl is None else int(transit_ttl)
             if ttl < 0:
@@ -240,6 +253,7 @@ class Store:
         self.directory = directory
         self._core = None
         self._core = _core_for(name, directory, create, capacity, warm, ttl)
+        _decay.register(self._core, decay_ms)
         self._next_gc = 0.0
         self._maybe_gc()
         self._merger = None
@@ -392,6 +406,7 @@ class Store:
         """Remove a value: unbind its key and make it unreachable.  Readers
         that hold it keep their bytes; memory returns when they let go."""
         core = self._c()
+        _decay.kick()
         if isinstance(ref_or_key, ObjectRef):
             if ref_or_key._core.uuid != core.uuid:
                 raise ValueError(f"{ref_or_key!r} belongs to another store")
@@ -476,6 +491,8 @@ class Store:
         phys, logical = s["physical_bytes"], s["logical_bytes"]
         s["dedup_ratio"] = (logical / phys) if phys else (float("inf") if logical else 1.0)
         s["merger_cpu_seconds"] = s.pop("merger_cpu_ns") / 1e9
+        # freed pages still faulted in (decaying); not part of physical_bytes
+        s["warm_bytes"] = s["pages_free_warm"] * 4096
         return s
 
     def gc(self):
