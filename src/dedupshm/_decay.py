@@ -20,7 +20,6 @@ import os
 import threading
 import weakref
 
-from ._core import ffi, lib
 
 #: Seconds a freed page stays warm before it is returned, by default.
 DEFAULT_DECAY_S = 10.0
@@ -54,7 +53,7 @@ class _State:
     def __init__(self):
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        self.cores = {}          # id(core) -> [weakref, decay_ms, cursor cell]
+        self.cores = {}          # id(core) -> [weakref, decay_ms] (the cursor lives in the core)
         self.thread = None
         self.stop = False
         self.atexit = False
@@ -82,7 +81,7 @@ def register(core, decay_ms):
         else:
             # no callback: a weakref callback runs inside any allocation,
             # maybe while this thread holds _st.lock; the thread prunes
-            _st.cores[id(core)] = [weakref.ref(core), decay_ms, ffi.new("uint32_t *")]
+            _st.cores[id(core)] = [weakref.ref(core), decay_ms]
         _start_locked()
     _st.wake.set()
 
@@ -117,8 +116,6 @@ def _shutdown():
 
 
 def _run(st):
-    returned = ffi.new("uint64_t *")
-    left = ffi.new("uint64_t *")
     while True:
         with st.lock:
             for key in [k for k, e in st.cores.items() if e[0]() is None]:
@@ -129,15 +126,15 @@ def _run(st):
                 return
             entries = list(st.cores.items())
         interval = 1.0
-        for key, (wr, decay_ms, cursor) in entries:
+        for key, (wr, decay_ms) in entries:
             if st.stop:
                 break
             core = wr()
             if core is None:
                 continue
-            rc = lib.ds_decay(core._s, decay_ms, cursor, returned, left)
+            ok = core.decay(decay_ms)
             del core
-            if rc != 0:                      # closed (or an orphan after fork)
+            if not ok:                       # closed (or an orphan after fork)
                 with st.lock:
                     if st.cores.get(key, [None])[0] is wr:
                         del st.cores[key]

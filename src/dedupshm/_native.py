@@ -318,6 +318,16 @@ class Core:
         owner = ffi.gc(addr[0], functools.partial(lib.ds_mergeable_free, self._s), size=nbytes)
         return memoryview(ffi.buffer(owner, nbytes))
 
+    def decay(self, decay_ms):
+        """One bounded step of returning warm pages idle for decay_ms to the
+        kernel (csrc/pool.c: ds_decay), resuming where the last step of this
+        process stopped.  False once the handle is closed."""
+        cells = self.__dict__.get("_decay_cells")
+        if cells is None:
+            cells = self._decay_cells = (ffi.new("uint32_t *"), ffi.new("uint64_t *"),
+                                         ffi.new("uint64_t *"))
+        return lib.ds_decay(self._s, decay_ms, *cells) == 0
+
     def merge_scan(self, max_pages):
         info = ffi.new("ds_scaninfo *")
         check(lib.ds_merge_scan(self._s, max_pages, info), "merge scan")
