@@ -636,6 +636,18 @@ bookkeeping:   /* failed merges give their reference back */
     return 0;
 }
 
+/* Add this call's CPU time and pages walked since the last report to the
+ * store's counters (ksmd's meaning of pages_scanned: pages walked), so
+ * stats() follows a long scan as it goes.  hdr->lock held. */
+static void publish_progress(ds_store *s, uint64_t t0, uint64_t visited, uint64_t *pub_cpu,
+                             uint64_t *pub_visited) {
+    uint64_t cpu = thread_cpu_ns() - t0;
+    s->hdr->merger_cpu_ns += cpu - *pub_cpu;
+    s->hdr->pages_scanned += visited - *pub_visited;
+    *pub_cpu = cpu;
+    *pub_visited = visited;
+}
+
 int ds_merge_scan_in(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
     memset(out, 0, sizeof *out);
     struct ds_merger *m = s->merger;
@@ -655,6 +667,8 @@ int ds_merge_scan_in(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
     out->total_pages = total;
     if (max_pages == 0) max_pages = total;   /* one full pass */
     uint64_t budget = max_pages;
+    uint64_t pub_cpu = 0, pub_visited = 0;   /* already added to the store's counters */
+    uint32_t batches = 0;
     while (budget > 0 && m->head) {
         if (!m->cur) {
             m->cur = m->head;
@@ -670,6 +684,10 @@ int ds_merge_scan_in(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
             m->cur_page += n;
             budget -= n;
             out->visited += n;
+            if (++batches % 16 == 0 && ds_lock(s) == 0) {   /* keep stats() current */
+                publish_progress(s, t0, out->visited, &pub_cpu, &pub_visited);
+                ds_unlock(s);
+            }
             if (__atomic_load_n(&m->fork_waiting, __ATOMIC_ACQUIRE)) {
                 /* a fork waits for mu: let it have it between two batches
                  * (no window open), so a fork waits one batch, not a pass */
@@ -690,6 +708,7 @@ int ds_merge_scan_in(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
                     me->volatile_pages = m->pass_volatile;
                     me->unshared_pages = m->pass_unshared;
                     s->hdr->full_scans++;
+                    publish_progress(s, t0, out->visited, &pub_cpu, &pub_visited);
                     ds_unlock(s);
                 }
                 m->pass_volatile = m->pass_unshared = 0;
@@ -707,8 +726,7 @@ int ds_merge_scan_in(ds_store *s, uint64_t max_pages, ds_scaninfo *out) {
     out->cpu_ns = cpu;
     out->wp_failed = m->wp_failures;
     if (ds_lock(s) == 0) {
-        s->hdr->pages_scanned += out->visited;     /* ksmd's meaning: pages walked */
-        s->hdr->merger_cpu_ns += cpu;
+        publish_progress(s, t0, out->visited, &pub_cpu, &pub_visited);
         ds_unlock(s);
     }
     return rc;

@@ -401,3 +401,31 @@ def test_faulthandler_still_reports_real_crashes(store_name):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == -signal.SIGSEGV
     assert "Segmentation fault" in r.stderr
+
+
+def test_merger_counters_follow_a_long_scan(store):
+    """merger_cpu_seconds and pages_scanned are published as a scan goes,
+    not only when the call returns (issue 10: they lagged a fast merge)."""
+    import threading
+    import numpy as np
+    arrs = [store.mergeable_array((32 << 20) // 8, np.float64) for _ in range(2)]
+    for a in arrs:
+        a[:] = np.arange(a.size) % 977
+    seen = []
+    done = threading.Event()
+
+    def scan():
+        store._core.merge_scan(200_000)          # one call: every page, a dozen times over
+        done.set()
+
+    t = threading.Thread(target=scan)
+    t.start()
+    while not done.is_set():
+        st = store.stats()
+        if st["pages_scanned"] and st["merger_cpu_seconds"] > 0:
+            seen.append(st["pages_scanned"])
+            break
+    t.join()
+    # published at the end only, the first reading would be the whole 200,000
+    assert seen and 0 < seen[0] < 200_000, f"no progress published during the call: {seen}"
+    assert store.stats()["pages_scanned"] == 200_000
