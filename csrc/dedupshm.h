@@ -78,7 +78,7 @@ typedef struct ds_iov {
 typedef struct ds_viewinfo {
     uint8_t *data;          /* first byte of the data region */
     uint64_t size;          /* data region length in bytes */
-    uint64_t map_len;       /* != 0: caller must ds_unmap(data, map_len) */
+    uint64_t map_len;       /* != 0: a mapping of its own (ds_view_close unmaps it) */
     const uint8_t *desc;    /* caller's descriptor bytes (read-only) */
     uint32_t desclen;
     uint32_t nbufs;
@@ -90,7 +90,6 @@ typedef struct ds_viewinfo {
     uint32_t own;           /* DS_OWN_* bits */
     uint64_t gen;
     ds_store *store;        /* the handle it holds something of (set with own) */
-    void *link;             /* refs.c: list of cells still being created */
 } ds_viewinfo;
 
 /* A reference owned by the caller: filled by the call that takes it. */

@@ -253,7 +253,6 @@ struct ds_store {
     pthread_mutex_t pin_mu;
     struct ds_pin *pins;     /* open addressing by object id */
     uint32_t pin_cap, pin_count;
-    ds_viewinfo *creating;   /* cells of creates being filled (linked by ->link) */
     /* lifetime (atomics): calls in progress; 1 for the opener + 1 per cell
      * that holds something.  ds_close waits for inflight == 0; the handle
      * is torn down when refs reaches 0. */

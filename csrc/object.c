@@ -397,10 +397,6 @@ int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *
     return 0;
 }
 
-int ds_unmap(void *addr, uint64_t len) {
-    return munmap(addr, len) == 0 ? 0 : errno;
-}
-
 /* ---- delete, keys ---- */
 
 int ds_delete_key_in(ds_store *s, const uint8_t *key, uint32_t keylen) {

@@ -35,8 +35,9 @@
  * slot lives exactly as long as the child (or, if fork failed, dies at
  * once and gc reclaims it).  The child moves onto fork_fd (dup2 over
  * index_fd, so the parent's own slot lock is not the child's business),
- * adopts the slot and the copies, and lets go of the parent's creates
- * (their buffers are private memory: fork copied them).  A handle that could not get a
+ * adopts the slot and the copies.  A create buffer it inherited is
+ * private memory (fork copied it); the object being filled stays the
+ * parent's: put.c commits or aborts only objects of the caller's slot.  A handle that could not get a
  * slot is an orphan in the child: every call fails, releases do nothing.
  *
  * Lock order: g_stores_mu -> wp.c's global lock -> merger->mu -> pin_mu
@@ -387,12 +388,6 @@ int ds_view_key(ds_store *s, const uint8_t *key, uint32_t keylen, int writable,
     return rc;
 }
 
-static void creating_unlink(ds_store *s, ds_viewinfo *vi) {
-    for (ds_viewinfo **pp = &s->creating; *pp; pp = (ds_viewinfo **)&(*pp)->link)
-        if (*pp == vi) { *pp = vi->link; break; }
-    vi->link = NULL;
-}
-
 int ds_view_close(ds_store *s, ds_viewinfo *vi) {
     pthread_mutex_lock(&s->pin_mu);
     uint32_t own = vi->own;
@@ -402,7 +397,6 @@ int ds_view_close(ds_store *s, ds_viewinfo *vi) {
     }
     vi->own = 0;
     vi->store = NULL;
-    if (own & DS_OWN_CREATE) creating_unlink(s, vi);
     uint32_t h = (own & DS_OWN_PIN) ? pin_drop(s, vi->obj, vi->gen) : 0;
     pthread_mutex_unlock(&s->pin_mu);
     if ((own & DS_OWN_CREATE) && !s->orphan) ds_abort(s, vi->obj, vi->gen, NULL);
@@ -442,8 +436,6 @@ int ds_create_open(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nb
         vi->obj = obj;
         vi->gen = gen;
         vi->store = s;
-        vi->link = s->creating;
-        s->creating = vi;
         ref_get(s);
         vi->own = DS_OWN_MAP | DS_OWN_CREATE;
         pthread_mutex_unlock(&s->pin_mu);
@@ -456,10 +448,7 @@ int ds_create_open(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t nb
 static int create_take(ds_store *s, ds_viewinfo *vi) {
     pthread_mutex_lock(&s->pin_mu);
     int had = (vi->own & DS_OWN_CREATE) != 0;
-    if (had) {
-        creating_unlink(s, vi);
-        vi->own &= ~(uint32_t)DS_OWN_CREATE;
-    }
+    if (had) vi->own &= ~(uint32_t)DS_OWN_CREATE;
     pthread_mutex_unlock(&s->pin_mu);
     return had ? 0 : DS_ESTATE;
 }
@@ -645,11 +634,6 @@ static void atfork_child(void) {
         s->pid = pid;
         s->fork_fd = -1;
         s->fork_slot = DS_NIL;
-        /* a create buffer is private memory: fork gave us our own copy of
-         * it; the object being filled is the parent's, not ours to commit */
-        for (ds_viewinfo *vi = s->creating; vi; vi = vi->link)
-            vi->own &= ~(uint32_t)DS_OWN_CREATE;
-        s->creating = NULL;
         if (!prepared) continue;
         pthread_mutex_unlock(&s->pin_mu);
         ds_merger_fork_child(s);
