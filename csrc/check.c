@@ -92,15 +92,23 @@ int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
         }
         case DS_K_OBJECT: {
             ds_object *o = (ds_object *)ch;
-            if (!fits(s, id, sizeof *o) || !fits(s, id, sizeof *o + (uint64_t)o->keylen) || o->keylen > DS_MAX_KEY) {
+            if (!fits(s, id, DS_OBJ_BYTES(0, 0)) || !fits(s, id, DS_OBJ_BYTES(o->keylen, 0)) || o->keylen > DS_MAX_KEY) {
                 err(&c, "object %llu: key does not fit", (unsigned long long)id);
                 break;
             }
             if (o->state == DS_OBJ_SEALED) {
                 objects++;
                 logical += o->size;
-                if (!chunk_ok(s, o->blob, DS_K_BLOB)) err(&c, "object %llu: sealed without a blob", (unsigned long long)id);
-                else cref[o->blob]++;
+                if (o->oflags & DS_OF_INLINE) {
+                    if (o->blob || o->size > DS_INLINE_MAX ||
+                        !fits(s, id, DS_OBJ_BYTES(o->keylen, (uint64_t)o->desclen + o->size)))
+                        err(&c, "object %llu: inline value does not fit", (unsigned long long)id);
+                    small += ds_class_bytes(ch->cls);
+                } else if (!chunk_ok(s, o->blob, DS_K_BLOB)) {
+                    err(&c, "object %llu: sealed without a blob", (unsigned long long)id);
+                } else {
+                    cref[o->blob]++;
+                }
                 if (o->oflags & DS_OF_KEYED) {
                     keys++;
                     cref[id]++;

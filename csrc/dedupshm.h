@@ -85,6 +85,7 @@ typedef struct ds_viewinfo {
     const uint64_t *bufs;   /* nbufs pairs (offset, length) in the data region */
     uint32_t small;         /* 1 if packed in the heap (not page mapped) */
     uint32_t extents;       /* number of page runs (large objects) */
+    uint64_t tab1[2];       /* bufs of an inline value: (0, size) */
     /* ownership (refs.c): what this cell holds, released by ds_view_close */
     uint32_t obj;
     uint32_t own;           /* DS_OWN_* bits */
@@ -189,6 +190,11 @@ void ds_uuid(ds_store *s, uint8_t out[16]);
 int ds_put_ref(ds_store *s, const uint8_t *key, uint32_t keylen,
                const uint8_t *desc, uint32_t desclen,
                const ds_iov *bufs, uint32_t nbufs, uint32_t flags, ds_ref *out);
+/* Put one buffer under a key, taking no reference: the key binding is what
+ * keeps the value (store[key] = value).  Same returns as ds_put_ref. */
+int ds_put_key(ds_store *s, const uint8_t *key, uint32_t keylen,
+               const uint8_t *desc, uint32_t desclen,
+               const char *data, uint64_t len, uint32_t flags);
 /* One more reference on (obj, gen) into *out: if this process holds the
  * object already, a local count; otherwise the object must be live and not
  * deleted (DS_ENOTFOUND). */
@@ -251,9 +257,18 @@ int ds_delete_obj(ds_store *s, uint32_t obj, uint64_t gen);
 
 /* Number of bound keys. */
 int ds_count(ds_store *s, uint64_t *n);
-/* All bound keys as records (u32 keylen, u64 size, key bytes), into buf.  *needed is set to
- * the size required; returns ERANGE if buflen was too small. */
-int ds_keys(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed);
+/* The bound keys, one bounded batch per call (the lock is not held
+ * between calls).  Start with *cursor = 0; each call appends up to maxn
+ * keys' bytes back to back into keys[0..keycap) with their lengths and
+ * logical sizes, sets *used / *count, and advances *cursor; the walk is
+ * over when *cursor == DS_KEYS_END.  A key bound for the whole walk comes
+ * exactly once; one bound or unbound during it may or may not.  ERANGE
+ * (cursor unchanged) if one hash bucket alone needs more than keycap bytes
+ * or maxn entries: *used and *count then say how many. */
+#define DS_KEYS_END 0x100000000
+int ds_keys_next(ds_store *s, uint64_t *cursor, uint8_t *keys, uint64_t keycap,
+                 uint32_t *lens, uint64_t *sizes, uint32_t maxn,
+                 uint64_t *used, uint32_t *count);
 
 int ds_stats_get(ds_store *s, ds_stats *out);
 /* Reclaim what dead clients left; expire old transit references. */

@@ -34,7 +34,7 @@
 #include "dedupshm.h"
 
 #define DS_MAGIC   0x314d485350454444ULL   /* "DDEPSHM1" little endian */
-#define DS_FORMAT  2u   /* 2: client liveness by OFD slot locks */
+#define DS_FORMAT  3u   /* 2: client liveness by OFD slot locks; 3: 44 B objects, inline values */
 #define DS_NIL     0xFFFFFFFFu             /* end of chain / no node */
 #define DS_UNHASHED 0xFFFFFFFEu            /* page meta: not in the content index */
 #define DS_ZERO    0xFFFFFFFFu             /* page list: an all-zero page */
@@ -119,21 +119,33 @@ typedef struct ds_chunk {
     uint32_t fp;           /* hash of key (OBJECT) or content (BLOB) */
 } ds_chunk;
 
-/* OBJECT chunk: one stored value. */
+/* OBJECT chunk: one stored value.  44 bytes of header, then the key.
+ * An INLINE object (a sealed value of at most DS_INLINE_MAX bytes in one
+ * buffer, put whole) has no blob: its descriptor (desclen bytes) and its
+ * bytes follow the key in the same chunk, immutable once sealed -- one
+ * chunk per small key instead of an object and a shared blob, which
+ * would cost more than the few bytes they could share. */
 enum { DS_OBJ_CREATED = 1, DS_OBJ_SEALED = 2 };
-enum { DS_OF_KEYED = 1, DS_OF_DELETED = 2 };
+enum { DS_OF_KEYED = 1, DS_OF_DELETED = 2, DS_OF_INLINE = 4 };
+#define DS_INLINE_MAX 64u
 typedef struct ds_object {
     ds_chunk h;
     uint64_t gen;          /* unique for the life of the store: refs carry it */
     uint64_t size;         /* logical bytes of the data region */
-    uint32_t state;        /* CREATED (owner filling it) or SEALED */
-    uint32_t oflags;       /* DS_OF_* */
-    uint32_t owner;        /* client slot while CREATED */
-    uint32_t blob;         /* SEALED: BLOB chunk; CREATED: PENDING chunk or 0 */
-    uint32_t keylen;
-    uint32_t pad;
-    uint8_t key[];         /* keylen bytes */
+    uint32_t blob;         /* SEALED: BLOB chunk (0 if INLINE); CREATED: PENDING chunk or 0 */
+    union {
+        uint32_t owner;    /* client slot while CREATED */
+        uint32_t desclen;  /* SEALED and INLINE: descriptor bytes after the key */
+    };
+    uint8_t state;         /* CREATED (owner filling it) or SEALED */
+    uint8_t oflags;        /* DS_OF_* */
+    uint16_t keylen;
+    uint8_t key[];         /* keylen bytes [, INLINE: desc, data] */
 } ds_object;
+/* bytes an object chunk needs for a key of keylen and 'extra' bytes after it */
+#define DS_OBJ_BYTES(keylen, extra) (offsetof(ds_object, key) + (uint64_t)(keylen) + (extra))
+#define DS_OBJ_INLINE_DESC(o) ((o)->key + (o)->keylen)
+#define DS_OBJ_INLINE_DATA(o) ((o)->key + (o)->keylen + (o)->desclen)
 
 /* BLOB chunk: the immutable description (and, if small, the bytes) of a
  * sealed value.  Small blobs are deduplicated by content (h.fp, blob
@@ -331,7 +343,9 @@ int ds_transit_in(ds_store *s, uint32_t obj, uint64_t gen, uint64_t *token);
 int ds_delete_key_in(ds_store *s, const uint8_t *key, uint32_t keylen);
 int ds_delete_obj_in(ds_store *s, uint32_t obj, uint64_t gen);
 int ds_count_in(ds_store *s, uint64_t *n);
-int ds_keys_in(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed);
+int ds_keys_next_in(ds_store *s, uint64_t *cursor, uint8_t *keys, uint64_t keycap,
+                    uint32_t *lens, uint64_t *sizes, uint32_t maxn,
+                    uint64_t *used, uint32_t *count);
 int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out);
 int ds_mergeable_alloc_in(ds_store *s, uint64_t nbytes, uint8_t **addr);
 int ds_mergeable_free_in(ds_store *s, uint8_t *addr);
@@ -364,7 +378,8 @@ int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *
 /* object.c, for put.c: objects and their keys (lock held) */
 struct ds_object;
 struct ds_object *ds_obj_check(ds_store *s, uint32_t id, uint64_t gen);
-struct ds_object *ds_object_new(ds_store *s, const uint8_t *key, uint32_t keylen, uint32_t *id);
+struct ds_object *ds_object_new(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t extra,
+                                uint32_t *id);
 int  ds_object_seal(ds_store *s, uint32_t id, uint32_t blob, uint64_t size, int keyed,
                     uint32_t *handle);
 /* object.c: mapping page runs (no lock; the caller holds references on

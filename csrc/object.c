@@ -27,7 +27,11 @@ static ds_object *obj_at(ds_store *s, uint32_t id) { return (ds_object *)DS_CHUN
 /* An object chunk (any generation) whose key fits in it; NULL if not. */
 static ds_object *obj_valid(ds_store *s, uint32_t id) {
     ds_object *o = (ds_object *)ds_chunk_get(s, id, DS_K_OBJECT);
-    if (!o || o->keylen > DS_MAX_KEY || ds_class_bytes(o->h.cls) < sizeof *o + (uint64_t)o->keylen)
+    if (!o || o->keylen > DS_MAX_KEY || ds_class_bytes(o->h.cls) < DS_OBJ_BYTES(o->keylen, 0))
+        return NULL;
+    if ((o->oflags & DS_OF_INLINE) &&
+        (o->size > DS_INLINE_MAX ||
+         ds_class_bytes(o->h.cls) < DS_OBJ_BYTES(o->keylen, (uint64_t)o->desclen + o->size)))
         return NULL;
     return o;
 }
@@ -58,7 +62,7 @@ static void key_unbind(ds_store *s, uint32_t id) {
     ds_object *o = obj_at(s, id);
     if (!(o->oflags & DS_OF_KEYED)) return;
     ds_lh_remove(s, &s->hdr->keys_ix, &ds_chunk_ops, id);
-    o->oflags &= ~(uint32_t)DS_OF_KEYED;
+    o->oflags &= (uint8_t)~DS_OF_KEYED;
     s->hdr->keys--;
     ds_object_decref(s, id);
 }
@@ -89,8 +93,10 @@ static uint32_t handle_new(ds_store *s, uint32_t obj, uint32_t owner) {
     return hid;
 }
 
-ds_object *ds_object_new(ds_store *s, const uint8_t *key, uint32_t keylen, uint32_t *id) {
-    *id = ds_chunk_alloc(s, sizeof(ds_object) + keylen, DS_K_OBJECT);
+/* A CREATED object with room for 'extra' bytes after the key. */
+ds_object *ds_object_new(ds_store *s, const uint8_t *key, uint32_t keylen, uint64_t extra,
+                         uint32_t *id) {
+    *id = ds_chunk_alloc(s, DS_OBJ_BYTES(keylen, extra), DS_K_OBJECT);
     if (!*id) return NULL;
     ds_object *o = obj_at(s, *id);
     o->gen = ++s->hdr->gen_seq;
@@ -98,7 +104,7 @@ ds_object *ds_object_new(ds_store *s, const uint8_t *key, uint32_t keylen, uint3
     o->oflags = 0;
     o->owner = s->slot;
     o->blob = 0;
-    o->keylen = keylen;
+    o->keylen = (uint16_t)keylen;
     if (keylen) memcpy(o->key, key, keylen);
     o->h.fp = key_hash(s, key, keylen);
     o->state = DS_OBJ_CREATED;
@@ -139,7 +145,8 @@ void ds_object_free(ds_store *s, uint32_t id) {
     if (o->state == DS_OBJ_SEALED) {
         s->hdr->objects--;
         s->hdr->logical_bytes -= o->size;
-        if (o->blob) blob_decref(s, o->blob);
+        if (o->oflags & DS_OF_INLINE) s->hdr->small_bytes -= ds_class_bytes(o->h.cls);
+        else if (o->blob) blob_decref(s, o->blob);
     } else if (o->blob) {
         pending_release(s, o->blob);
     }
@@ -161,8 +168,7 @@ int ds_object_seal(ds_store *s, uint32_t id, uint32_t blob, uint64_t size,
     o->state = DS_OBJ_SEALED;
     s->hdr->objects++;
     s->hdr->logical_bytes += size;
-    *handle = handle_new(s, id, s->slot);
-    if (!*handle) {                      /* no room for a handle: undo */
+    if (handle && !(*handle = handle_new(s, id, s->slot))) {   /* no room: undo */
         ds_object_free(s, id);
         return DS_EFULL;
     }
@@ -340,8 +346,23 @@ int ds_view(ds_store *s, uint32_t obj, uint64_t gen, int writable, ds_viewinfo *
     /* The caller holds a reference: the object and its blob are immutable,
      * so no lock is needed to read them. */
     ds_object *o = ds_obj_check(s, obj, gen);
-    if (!o || o->state != DS_OBJ_SEALED || !o->blob || (o->oflags & DS_OF_DELETED))
+    if (!o || o->state != DS_OBJ_SEALED || (o->oflags & DS_OF_DELETED) ||
+        (!o->blob && !(o->oflags & DS_OF_INLINE)))
         return DS_ENOTFOUND;
+    if (o->oflags & DS_OF_INLINE) {        /* obj_valid checked that it fits */
+        const ds_object *oro = (const ds_object *)(s->ix_ro + ((uint8_t *)o - s->ix));
+        memset(out, 0, sizeof *out);
+        out->size = o->size;
+        out->desc = DS_OBJ_INLINE_DESC(oro);
+        out->desclen = o->desclen;
+        out->nbufs = 1;
+        out->tab1[0] = 0;
+        out->tab1[1] = o->size;
+        out->bufs = out->tab1;
+        out->small = 1;
+        out->data = (uint8_t *)DS_OBJ_INLINE_DATA(oro);
+        return 0;
+    }
     ds_blob *b = (ds_blob *)ds_chunk_get(s, o->blob, DS_K_BLOB);
     if (!b) return DS_ECORRUPT;
     /* every size we hand out must stay inside the chunk */
@@ -433,29 +454,73 @@ int ds_count_in(ds_store *s, uint64_t *n) {
     return 0;
 }
 
-int ds_keys_in(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed) {
+/* Key walk in bounded batches.  The cursor runs over the 32-bit key
+ * hashes in bit-reversed order: a bucket of the linear hash table at
+ * resolution k holds exactly the keys whose low k hash bits are its
+ * index, i.e. one aligned range of 2^(32-k) reversed hashes.  So a batch
+ * takes whole buckets (at most KEYS_BUCKETS) and the cursor moves past
+ * their ranges; a split between batches only refines ranges still ahead.
+ * A key bound for the whole walk is returned exactly once; one bound or
+ * unbound meanwhile may or may not be.  The lock is held for one batch. */
+#define KEYS_BUCKETS 1024u
+
+static uint32_t rev32(uint32_t x) {
+    x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+    x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+    x = ((x >> 4) & 0x0F0F0F0Fu) | ((x & 0x0F0F0F0Fu) << 4);
+    return __builtin_bswap32(x);
+}
+
+int ds_keys_next_in(ds_store *s, uint64_t *cursor, uint8_t *keys, uint64_t keycap,
+                    uint32_t *lens, uint64_t *sizes, uint32_t maxn,
+                    uint64_t *used, uint32_t *count) {
+    uint64_t r = *cursor, pos = 0;
+    uint32_t n = 0;
+    *used = 0;
+    *count = 0;
+    if (r >= DS_KEYS_END) return 0;
     int rc = ds_lock(s);
     if (rc) return rc;
     ds_lhash *t = &s->hdr->keys_ix;
-    uint32_t nb = (1u << t->level) + t->split;
-    const uint32_t *bk = (const uint32_t *)(s->ix + t->buckets_off);
-    uint64_t pos = 0;
-    uint64_t guard = DS_CHAIN_MAX(t) * 2;
-    for (uint32_t b = 0; b < nb && b < t->max_buckets; b++) {
-        for (uint32_t x = bk[b]; x != DS_NIL && guard; x = DS_CHUNK(s, x)->next, guard--) {
+    for (uint32_t visited = 0; r < DS_KEYS_END && visited < KEYS_BUCKETS; visited++) {
+        uint32_t low = rev32((uint32_t)r);
+        uint32_t level = t->level < 31 ? t->level : 31;
+        uint32_t k = (low & ((1u << level) - 1)) < t->split ? level + 1 : level;
+        uint64_t width = 1ull << (32 - k);
+        uint64_t end = (r & ~(width - 1)) + width;
+        uint64_t p = pos, guard = DS_CHAIN_MAX(t);
+        uint32_t m = n;
+        for (uint32_t x = ds_lh_first(s, t, low); x != DS_NIL && guard--; x = DS_CHUNK(s, x)->next) {
             ds_object *o = obj_valid(s, x);
-            if (!o) break;
-            if (pos + 12 + o->keylen <= buflen) {
-                memcpy(buf + pos, &o->keylen, 4);
-                memcpy(buf + pos + 4, &o->size, 8);
-                memcpy(buf + pos + 12, o->key, o->keylen);
+            if (!o) break;                           /* corrupt chain */
+            uint64_t rv = rev32(o->h.fp);
+            if (rv < r || rv >= end) continue;
+            if (p + o->keylen <= keycap && m < maxn) {
+                memcpy(keys + p, o->key, o->keylen);
+                lens[m] = o->keylen;
+                sizes[m] = o->size;
             }
-            pos += 12 + o->keylen;
+            p += o->keylen;
+            m++;
         }
+        if (p > keycap || m > maxn) {               /* this bucket does not fit */
+            if (n == 0) {                            /* not even alone: say what it needs */
+                *used = p;
+                *count = m;
+                rc = ERANGE;
+            }
+            break;
+        }
+        pos = p;
+        n = m;
+        r = end;
     }
-    *needed = pos;
     ds_unlock(s);
-    return pos > buflen ? ERANGE : 0;
+    if (rc) return rc;
+    *cursor = r;
+    *used = pos;
+    *count = n;
+    return 0;
 }
 
 /* ---- for refs.c (lock held) ---- */

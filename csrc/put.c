@@ -51,6 +51,35 @@
 
 static ds_object *obj_at(ds_store *s, uint32_t id) { return (ds_object *)DS_CHUNK(s, id); }
 
+/* ---- tiny values: inline in the object chunk, after the key ---- */
+
+static int put_inline(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed,
+                      const uint8_t *desc, uint32_t desclen, const ds_iov *buf,
+                      uint32_t *obj, uint64_t *gen, uint32_t *handle) {
+    ds_header *h = s->hdr;
+    uint64_t need = ds_chunk_bytes_for(DS_OBJ_BYTES(keylen, (uint64_t)desclen + buf->len));
+    int rc = ds_lock(s);
+    if (rc) return rc;
+    uint32_t id;
+    ds_object *o = NULL;
+    if (h->pages_used * DS_PAGE_SIZE + h->small_bytes + need <= h->capacity)
+        o = ds_object_new(s, key, keylen, (uint64_t)desclen + buf->len, &id);
+    if (!o) {
+        ds_unlock(s);
+        return DS_EFULL;
+    }
+    o->desclen = desclen;
+    memcpy(DS_OBJ_INLINE_DESC(o), desc, desclen);
+    if (buf->len) memcpy(DS_OBJ_INLINE_DATA(o), buf->base, buf->len);
+    o->oflags |= DS_OF_INLINE;
+    h->small_bytes += ds_class_bytes(o->h.cls);
+    *gen = o->gen;
+    *obj = id;
+    rc = ds_object_seal(s, id, 0, buf->len, keyed, handle);
+    ds_unlock(s);
+    return rc;
+}
+
 /* ---- small values: packed in the heap, deduplicated whole ---- */
 
 static int put_small(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed,
@@ -94,7 +123,7 @@ static int put_small(ds_store *s, const uint8_t *key, uint32_t keylen, int keyed
         }
     }
     uint32_t id;
-    ds_object *o = ds_object_new(s, key, keylen, &id);
+    ds_object *o = ds_object_new(s, key, keylen, 0, &id);
     if (!o) { rc = DS_EFULL; goto unlock; }
     if (bid != DS_NIL) {
         DS_CHUNK(s, bid)->refcnt++;
@@ -441,7 +470,7 @@ static int pipeline(ds_store *s, uint32_t obj, uint64_t gen, uint32_t pend, int 
  * NULL (nothing allocated) if the heap is full. */
 static ds_pending *created_new(ds_store *s, const uint8_t *key, uint32_t keylen,
                                uint32_t n, uint64_t size, uint32_t *id) {
-    ds_object *o = ds_object_new(s, key, keylen, id);
+    ds_object *o = ds_object_new(s, key, keylen, 0, id);
     uint32_t pend = o ? ds_chunk_alloc(s, sizeof(ds_pending) + 4ull * n, DS_K_PENDING) : 0;
     if (!pend) {
         if (o) ds_chunk_free(s, *id);
@@ -561,6 +590,9 @@ int ds_put(ds_store *s, const uint8_t *key, uint32_t keylen,
     }
     uint64_t size = 0;
     for (uint32_t i = 0; i < nbufs; i++) size = ALIGN16(size) + bufs[i].len;
+    if (!handle && !keyed) return DS_EINVAL;       /* it would be unreachable */
+    if (nbufs == 1 && size <= DS_INLINE_MAX && desclen <= 4 * DS_INLINE_MAX)
+        return put_inline(s, key, keylen, keyed, desc, desclen, bufs, obj, gen, handle);
     if (packed <= DS_SMALL_MAX)
         return put_small(s, key, keylen, keyed, desc, desclen, bufs, nbufs, flags,
                          size, obj, gen, handle);

@@ -286,6 +286,16 @@ int ds_ref_alive(ds_store *s, uint32_t obj, uint64_t gen) {
         return rc_;                           \
     } while (0)
 
+int ds_put_key(ds_store *s, const uint8_t *key, uint32_t keylen,
+               const uint8_t *desc, uint32_t desclen,
+               const char *data, uint64_t len, uint32_t flags) {
+    if (!key) return DS_EINVAL;
+    ds_iov iov = {data, len};
+    uint32_t obj;
+    uint64_t gen;
+    GUARDED(ds_put(s, key, keylen, desc, desclen, &iov, 1, flags, &obj, &gen, NULL));
+}
+
 int ds_lookup(ds_store *s, const uint8_t *key, uint32_t keylen, uint32_t *obj, uint64_t *gen) {
     GUARDED(ds_lookup_in(s, key, keylen, obj, gen));
 }
@@ -299,8 +309,10 @@ int ds_delete_obj(ds_store *s, uint32_t obj, uint64_t gen) {
     GUARDED(ds_delete_obj_in(s, obj, gen));
 }
 int ds_count(ds_store *s, uint64_t *n) { GUARDED(ds_count_in(s, n)); }
-int ds_keys(ds_store *s, uint8_t *buf, uint64_t buflen, uint64_t *needed) {
-    GUARDED(ds_keys_in(s, buf, buflen, needed));
+int ds_keys_next(ds_store *s, uint64_t *cursor, uint8_t *keys, uint64_t keycap,
+                 uint32_t *lens, uint64_t *sizes, uint32_t maxn,
+                 uint64_t *used, uint32_t *count) {
+    GUARDED(ds_keys_next_in(s, cursor, keys, keycap, lens, sizes, maxn, used, count));
 }
 int ds_check(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
     GUARDED(ds_check_in(s, buf, buflen, out));

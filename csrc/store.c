@@ -626,8 +626,11 @@ static void ds_rebuild(ds_store *s) {
     DS_FOR_CHUNKS(s, id, c) {
         if (c->kind != DS_K_OBJECT) continue;
         ds_object *o = (ds_object *)c;
-        if (o->state == DS_OBJ_SEALED && ds_chunk_get(s, o->blob, DS_K_BLOB)) {
-            DS_CHUNK(s, o->blob)->refcnt++;
+        int inl = (o->oflags & DS_OF_INLINE) && !o->blob && o->size <= DS_INLINE_MAX &&
+                  ds_class_bytes(c->cls) >= DS_OBJ_BYTES(o->keylen, (uint64_t)o->desclen + o->size);
+        if (o->state == DS_OBJ_SEALED && (inl || ds_chunk_get(s, o->blob, DS_K_BLOB))) {
+            if (inl) h->small_bytes += ds_class_bytes(c->cls);
+            else DS_CHUNK(s, o->blob)->refcnt++;
             h->objects++;
             h->logical_bytes += o->size;
             if (o->oflags & DS_OF_KEYED) {
@@ -642,7 +645,7 @@ static void ds_rebuild(ds_store *s) {
                     ds_object *ox = (ds_object *)DS_CHUNK(s, other);
                     ds_object *loser = ox->gen < o->gen ? ox : o;
                     if (loser == ox) { ds_lh_remove(s, &h->keys_ix, &ds_chunk_ops, other); h->keys--; }
-                    loser->oflags &= ~(uint32_t)DS_OF_KEYED;
+                    loser->oflags &= (uint8_t)~DS_OF_KEYED;
                     loser->h.refcnt--;
                     if (loser == o) continue;
                 }
@@ -650,10 +653,12 @@ static void ds_rebuild(ds_store *s) {
                 h->keys++;
             }
         } else if (o->state == DS_OBJ_CREATED) {
+            o->oflags &= (uint8_t)~DS_OF_INLINE;
             if (o->blob && ds_chunk_get(s, o->blob, DS_K_PENDING)) DS_CHUNK(s, o->blob)->refcnt = 1;
             else o->blob = 0;
         } else {
             o->state = DS_OBJ_CREATED;   /* torn: let gc reclaim it */
+            o->oflags &= (uint8_t)~DS_OF_INLINE;
             o->blob = 0;
         }
     }

@@ -140,6 +140,7 @@ def lock_hammer(name, directory, conn):
     while True:
         s.gc()
         s[f"h{i % 64}"] = b"h%08d" % i * 16
+        s[f"t{i % 64}"] = b"t%08d" % i            # a tiny value: inline with its key
         s.stats()
         if i % 8 == 0:
             len(s)

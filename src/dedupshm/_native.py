@@ -182,6 +182,12 @@ class Core:
                             desc, len(desc), iov, n, lib.DS_NODEDUP if nodedup else 0, cell)
         check(rc, "put")
 
+    def put_key(self, key, desc, buf):
+        """Store one buffer under key, taking no reference."""
+        data = buf if type(buf) is bytes else ffi.from_buffer("char[]", buf)
+        check(lib.ds_put_key(self._s, key, len(key), desc, len(desc), data, len(data), 0),
+              "put")
+
     def create(self, key, nbytes):
         """Begin a writable object.  Returns (cell, memoryview of the
         zero-filled buffer); the buffer keeps the cell alive."""
@@ -240,26 +246,32 @@ class Core:
         check(lib.ds_count(self._s, n), "count")
         return n[0]
 
-    def keys(self):
-        """[(key bytes, logical size)] of every bound key (a snapshot)."""
-        needed = ffi.new("uint64_t *")
-        size = 1 << 16
-        while True:
-            buf = ffi.new("uint8_t[]", size)
-            rc = lib.ds_keys(self._s, buf, size, needed)
-            if rc == errno.ERANGE:
-                size = needed[0] + 4096
+    def key_batches(self, keycap=1 << 18, maxn=8192):
+        """Yield lists of (key bytes, logical size), one bounded batch of
+        the store's keys at a time; the lock is held only inside each
+        batch.  A key bound for the whole walk comes exactly once."""
+        cursor = ffi.new("uint64_t *")
+        used, count = ffi.new("uint64_t *"), ffi.new("uint32_t *")
+        keys = ffi.new("uint8_t[]", keycap)
+        lens, sizes = ffi.new("uint32_t[]", maxn), ffi.new("uint64_t[]", maxn)
+        while cursor[0] < lib.DS_KEYS_END:
+            rc = lib.ds_keys_next(self._s, cursor, keys, keycap, lens, sizes, maxn,
+                                  used, count)
+            if rc == errno.ERANGE:               # one bucket needs more room
+                keycap, maxn = max(keycap, used[0] * 2), max(maxn, count[0] * 2)
+                keys = ffi.new("uint8_t[]", keycap)
+                lens, sizes = ffi.new("uint32_t[]", maxn), ffi.new("uint64_t[]", maxn)
                 continue
             check(rc, "keys")
-            raw = bytes(ffi.buffer(buf, needed[0]))
-            break
-        out, pos = [], 0
-        while pos < len(raw):
-            n = int.from_bytes(raw[pos:pos + 4], "little")
-            size = int.from_bytes(raw[pos + 4:pos + 12], "little")
-            out.append((raw[pos + 12:pos + 12 + n], size))
-            pos += 12 + n
-        return out
+            n = count[0]
+            if not n:
+                continue
+            raw = ffi.unpack(ffi.cast("char *", keys), used[0])
+            out, pos = [], 0
+            for ln, size in zip(ffi.unpack(lens, n), ffi.unpack(sizes, n)):
+                out.append((raw[pos:pos + ln], size))
+                pos += ln
+            yield out
 
     def stats(self):
         st = ffi.new("ds_stats *")

@@ -422,8 +422,24 @@ class Store:
 
     # ---- mapping protocol -------------------------------------------------
     def __setitem__(self, key, value):
-        encode_key(key)                     # None is not a key here
-        self.put(value, key=key)
+        """``store[key] = value``: put and bind, taking no reference (the
+        binding keeps the value); a bytes value goes in without a copy on
+        the Python side."""
+        core = self._c()
+        kb = encode_key(key)                # None is not a key here
+        if type(value) is bytes:
+            desc, bufs = serialize.BYTES_DESC, (value,)
+        else:
+            desc, bufs = serialize.encode(value)
+        self._maybe_gc()
+        if len(bufs) != 1:
+            self.put(value, key=key)
+            return
+        try:
+            core.put_key(kb, desc, bufs[0])
+        except StoreFullError:
+            core.gc()                       # dead processes may hold space
+            core.put_key(kb, desc, bufs[0])
 
     def __getitem__(self, key):
         return self.get(key)
@@ -440,16 +456,27 @@ class Store:
     def __len__(self):
         return self._c().count()
 
+    def scan(self):
+        """Iterate over (key, logical size in bytes) of the bound keys in
+        bounded batches: the store is locked only while a batch is read,
+        and memory stays constant however many keys there are.  A key
+        bound for the whole walk comes exactly once; one bound or unbound
+        during it may or may not."""
+        core = self._c()
+        for batch in core.key_batches():
+            for k, n in batch:
+                yield decode_key(k), n
+
     def keys(self):
-        """A snapshot list of the bound keys."""
-        return [decode_key(k) for k, _ in self._c().keys()]
+        """A list of the bound keys (see :meth:`scan` for what a walk sees)."""
+        return [k for k, _ in self.scan()]
 
     def items_sizes(self):
-        """A snapshot list of (key, logical size in bytes)."""
-        return [(decode_key(k), n) for k, n in self._c().keys()]
+        """A list of (key, logical size in bytes) (see :meth:`scan`)."""
+        return list(self.scan())
 
     def __iter__(self):
-        return iter(self.keys())
+        return (k for k, _ in self.scan())
 
     # ---- mergeable memory -------------------------------------------------
     def mergeable(self, nbytes):
