@@ -329,7 +329,8 @@ void ds_page_free_raw(ds_store *s, uint32_t page);
 void ds_page_decref_cold(ds_store *s, uint32_t page);
 int  ds_pmeta_ensure(ds_store *s, uint32_t page);
 uint32_t ds_now_ms32(void);          /* CLOCK_MONOTONIC ms, low 32 bits: freed-page stamps */
-void ds_punch_flush(ds_store *s);    /* lock held: punch pages freed past the warm cap */
+int  ds_punch_flush(ds_store *s);    /* lock held: punch a slice of pages freed past the warm cap */
+void ds_punch_forget(void);
 int  ds_decay_in(ds_store *s, uint32_t decay_ms, uint32_t *cursor, uint64_t *returned,
                  uint64_t *warm_left);
 /* merger.c */

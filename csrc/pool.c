@@ -20,9 +20,9 @@
  * warm pages idle longer than the decay time, one fallocate per run of
  * consecutive pages, in bounded slices under the lock.  Pages freed past
  * the cap (or lost to a publish race) are queued in a per-thread list and
- * punched in runs by ds_punch_flush() before the lock is released
- * (ds_unlock): until then they are free, backed and counted warm, so
- * warm_free == the number of free backed pages whenever the lock is free.
+ * punched in runs by ds_unlock, in slices of PUNCH_SLICE pages with the
+ * lock released between them: until then they are free, backed and
+ * counted warm, so warm_free == the number of free backed pages always.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -179,9 +179,14 @@ uint32_t ds_now_ms32(void) {
 }
 
 /* Pages freed past the warm cap by this thread, as runs (a value's pages
- * are freed in order, so they coalesce), to be punched before it releases
- * the lock.  Thread-local (and small: static TLS): only the lock holder
- * fills or flushes it, and every thread flushes before it unlocks. */
+ * are freed in order, so they coalesce), to be punched by ds_unlock in
+ * slices of PUNCH_SLICE pages, each under one lock hold: deleting a value
+ * far past the cap never holds the lock for the whole punch.  Until its
+ * slice, a queued page is an ordinary warm page (a put may take it; the
+ * slice then skips it).  Thread-local (and small: static TLS): only the
+ * lock holder fills or flushes it.  A page that finds the queue full
+ * stays warm for the decay pass. */
+#define PUNCH_SLICE 2048u
 #define PUNCH_RUNS 24u
 static __thread uint32_t punch_p[PUNCH_RUNS], punch_len[PUNCH_RUNS];
 static __thread uint32_t punch_n;
@@ -206,18 +211,19 @@ static void punch_run(ds_store *s, uint32_t p, uint32_t n) {
                  (uint64_t)p * DS_PAGE_SIZE, (uint64_t)n * DS_PAGE_SIZE);
 }
 
-/* Punch the queued pages that are still free and backed (an allocation
- * in the same critical section may have taken some back), one fallocate
- * per run.  Lock held; ds_unlock calls it. */
-void ds_punch_flush(ds_store *s) {
+/* Punch up to PUNCH_SLICE queued pages that are still free and backed (a
+ * put may have taken some back), one fallocate per run.  Lock held;
+ * ds_unlock calls it until the queue is empty.  1 if pages are left. */
+int ds_punch_flush(ds_store *s) {
     stamp_ok = 0;
-    if (!punch_n) return;
-    uint32_t n = punch_n;
-    punch_n = 0;
-    if (punch_s != s) return;                      /* cannot happen: flushed at unlock */
+    if (!punch_n) return 0;
+    if (punch_s != s) { punch_n = 0; return 0; }   /* cannot happen: flushed at unlock */
     uint64_t *used = bm_used(s), *backed = bm_backed(s);
-    for (uint32_t r = 0; r < n; r++) {
-        uint32_t end = punch_p[r] + punch_len[r], p = punch_p[r];
+    uint32_t budget = PUNCH_SLICE, r = 0;
+    for (; r < punch_n && budget; r++) {
+        uint32_t p = punch_p[r], take = punch_len[r] < budget ? punch_len[r] : budget;
+        uint32_t end = p + take;
+        budget -= take;
         while (p < end) {
             if (bit_get(used, p) || !bit_get(backed, p)) { p++; continue; }
             uint32_t q = p + 1;
@@ -225,18 +231,31 @@ void ds_punch_flush(ds_store *s) {
             punch_run(s, p, q - p);
             p = q;
         }
+        if (take < punch_len[r]) {                 /* the rest of this run: next slice */
+            punch_p[r] += take;
+            punch_len[r] -= take;
+            break;
+        }
     }
+    memmove(punch_p, punch_p + r, 4ull * (punch_n - r));
+    memmove(punch_len, punch_len + r, 4ull * (punch_n - r));
+    punch_n -= r;
+    return punch_n != 0;
 }
 
+/* After the lock is released: nothing queued (another store's queue
+ * cannot be: each unlock drains its own). */
+void ds_punch_forget(void) { punch_n = 0; }
+
 static void punch_later(ds_store *s, uint32_t page) {
-    if (punch_n && punch_s != s) ds_punch_flush(punch_s);   /* cannot happen */
+    if (punch_n && punch_s != s) punch_n = 0;      /* cannot happen */
     punch_s = s;
     if (punch_n) {
         uint32_t r = punch_n - 1;
         if (punch_p[r] + punch_len[r] == page) { punch_len[r]++; return; }
         if (page + 1 == punch_p[r]) { punch_p[r]--; punch_len[r]++; return; }
     }
-    if (punch_n == PUNCH_RUNS) ds_punch_flush(s);
+    if (punch_n == PUNCH_RUNS) return;            /* stays warm: decay punches it */
     punch_p[punch_n] = page;
     punch_len[punch_n++] = 1;
 }

@@ -145,10 +145,18 @@ int ds_lock(ds_store *s) {
 }
 
 /* Pages freed past the warm cap in this critical section are punched
- * (in runs) before the lock goes (pool.c). */
+ * (in runs) in slices, each under its own lock hold (pool.c). */
 void ds_unlock(ds_store *s) {
-    ds_punch_flush(s);
+    int more = ds_punch_flush(s);
     pthread_mutex_unlock(&s->hdr->lock);
+    while (more) {
+        if (ds_lock(s) != 0) {
+            ds_punch_forget();
+            return;
+        }
+        more = ds_punch_flush(s);
+        pthread_mutex_unlock(&s->hdr->lock);
+    }
 }
 
 /* ---- open / create ---- */
