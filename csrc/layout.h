@@ -270,6 +270,7 @@ struct ds_store {
      * is torn down when refs reaches 0. */
     uint64_t inflight, refs;
     int closed;              /* ds_close ran: new calls get DS_ECLOSED */
+    int gc_busy;             /* atomic: a thread of ours is reaping (store.c ds_gc) */
     int orphan;              /* a fork child that could not get a slot: calls fail */
     /* fork (refs.c's atfork handlers, between prepare and parent/child) */
     int fork_fd;             /* new open file description holding the child's slot lock */

@@ -628,6 +628,7 @@ static void atfork_child(void) {
     for (ds_store *s = g_stores; s; s = s->next_store) {
         /* threads of the parent that were inside calls do not exist here */
         __atomic_store_n(&s->inflight, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->gc_busy, 0, __ATOMIC_RELAXED);
         int prepared = s->fork_fd != -2;
         if (s->fork_slot == DS_NIL) {
             s->orphan = 1;           /* no slot: hold nothing, do nothing */

@@ -13,7 +13,9 @@
  * it closes -- when the process dies).  gc asks F_OFD_GETLK; no pid, no
  * /proc, so a client in another PID namespace sharing the directory (a
  * container) is never taken for dead.  A slot is locked before its pid is
- * written and its pid cleared before the lock is dropped.
+ * written and its pid cleared before the lock is dropped.  gc claims a
+ * dead slot by taking its lock (then it is alive to every other process
+ * while it is reaped, in slices, and cannot be taken by an attach).
  *
  * Files.  Created with O_EXCL | O_NOFOLLOW, mode 0600; an existing file is
  * opened with O_NOFOLLOW and refused (EACCES) unless it is a regular file
@@ -411,57 +413,92 @@ fail:
 
 void ds_uuid(ds_store *s, uint8_t out[16]) { memcpy(out, s->hdr->uuid, 16); }
 
-/* Release everything the clients in 'dead' (a bitmap of slots) hold --
- * handles, objects they were creating, merge records -- and, if 'ttl_now'
- * is not 0, transit handles older than the TTL, in one walk of the heap;
- * then free their slots.  Lock held. */
-static void release_clients(ds_store *s, const uint64_t *dead, uint64_t ttl_now, ds_gcinfo *gi) {
+/* Release what one chunk holds for the clients in 'dead' (a bitmap of
+ * slots) -- a handle, an object it was creating, a merge record -- or, if
+ * 'ttl_now' is not 0, a transit handle older than the TTL.  Lock held. */
+#define DEAD(h, dead, slot) \
+    ((slot) < (h)->max_clients && ((dead)[(slot) >> 6] >> ((slot) & 63) & 1))
+static void release_chunk(ds_store *s, uint32_t id, const uint64_t *dead, uint64_t ttl_now,
+                          ds_gcinfo *gi) {
     ds_header *h = s->hdr;
-#define DEAD(slot) ((slot) < h->max_clients && (dead[(slot) >> 6] >> ((slot) & 63) & 1))
-    DS_FOR_CHUNKS(s, id, c) {
-        if (c->kind == DS_K_HANDLE) {
-            ds_handle *hd = (ds_handle *)c;
-            int expired = ttl_now && hd->owner == DS_TRANSIT_OWNER &&
-                          hd->stamp + h->transit_ttl <= ttl_now;
-            if (!expired && !DEAD(hd->owner)) continue;
-            uint32_t obj = hd->obj;
-            if (hd->owner == DS_TRANSIT_OWNER) h->transit--;
-            ds_chunk_free(s, (uint32_t)id);
-            h->handles--;
-            ds_object_decref(s, obj);
-            if (expired) gi->transit_expired++;
-            else gi->handles_released++;
-        } else if (c->kind == DS_K_OBJECT && ((ds_object *)c)->state == DS_OBJ_CREATED &&
-                   DEAD(((ds_object *)c)->owner)) {
-            ds_object_free(s, (uint32_t)id);
-            gi->objects_reclaimed++;
-        } else if (c->kind == DS_K_MERGE && DEAD(((ds_pending *)c)->owner)) {
-            ds_pending *mg = (ds_pending *)c;
-            for (uint32_t k = 0, n = ds_list_len(mg); k < n; k++)
-                if (mg->pages[k] != DS_ZERO) ds_page_decref(s, mg->pages[k]);
-            h->mergeable_pages -= h->mergeable_pages >= mg->npages ? mg->npages : h->mergeable_pages;
-            ds_chunk_free(s, (uint32_t)id);
-        }
+    ds_chunk *c = DS_CHUNK_RAW(s, id);
+    if (c->kind == DS_K_HANDLE) {
+        ds_handle *hd = (ds_handle *)c;
+        int expired = ttl_now && hd->owner == DS_TRANSIT_OWNER &&
+                      hd->stamp + h->transit_ttl <= ttl_now;
+        if (!expired && !DEAD(h, dead, hd->owner)) return;
+        uint32_t obj = hd->obj;
+        if (hd->owner == DS_TRANSIT_OWNER) h->transit--;
+        ds_chunk_free(s, id);
+        h->handles--;
+        ds_object_decref(s, obj);
+        if (expired) gi->transit_expired++;
+        else gi->handles_released++;
+    } else if (c->kind == DS_K_OBJECT && ((ds_object *)c)->state == DS_OBJ_CREATED &&
+               DEAD(h, dead, ((ds_object *)c)->owner)) {
+        ds_object_free(s, id);
+        gi->objects_reclaimed++;
+    } else if (c->kind == DS_K_MERGE && DEAD(h, dead, ((ds_pending *)c)->owner)) {
+        ds_pending *mg = (ds_pending *)c;
+        for (uint32_t k = 0, n = ds_list_len(mg); k < n; k++)
+            if (mg->pages[k] != DS_ZERO) ds_page_decref(s, mg->pages[k]);
+        h->mergeable_pages -= h->mergeable_pages >= mg->npages ? mg->npages : h->mergeable_pages;
+        ds_chunk_free(s, id);
     }
-    for (uint32_t i = 0; i < h->max_clients; i++)
-        if (DEAD(i)) memset(DS_CLIENT(s, i), 0, sizeof(ds_client));
-#undef DEAD
 }
 
+static void free_slots(ds_store *s, const uint64_t *dead) {
+    for (uint32_t i = 0; i < s->hdr->max_clients; i++)
+        if (DEAD(s->hdr, dead, i)) memset(DS_CLIENT(s, i), 0, sizeof(ds_client));
+}
+
+/* Everything 'slot' holds, in one walk of the heap; then free the slot.
+ * Lock held (a fork that could not finish gives back its child's slot). */
 void ds_release_slot(ds_store *s, uint32_t slot) {
     uint64_t dead[DS_MAX_CLIENTS / 64] = {0};
     ds_gcinfo gi = {0};
     if (slot >= DS_MAX_CLIENTS) return;
     dead[slot >> 6] |= 1ull << (slot & 63);
-    release_clients(s, dead, 0, &gi);
+    DS_FOR_CHUNKS(s, id, c) release_chunk(s, (uint32_t)id, dead, 0, &gi);
+    free_slots(s, dead);
+}
+
+/* The same for gc and close, without holding the lock for the whole walk:
+ * GC_SLICE chunks per lock hold.  Chunks never move, split or merge, so a
+ * chunk position stays a chunk position between two holds.  The caller
+ * holds the OFD slot lock of every dead slot (ds_gc claims them; a closing
+ * process holds its own): no other process reaps them, and no attach
+ * takes them, until the walk is over and the slots are free.  If we die
+ * mid-walk, the claims go with us and the next gc walks again (releasing
+ * is idempotent: what was released is gone).  No lock held on entry or
+ * exit; 0 or an error of ds_lock. */
+#define GC_SLICE 8192u
+static int release_sliced(ds_store *s, const uint64_t *dead, uint64_t ttl_now, ds_gcinfo *gi) {
+    uint64_t id = 1;
+    for (;;) {
+        int rc = ds_lock(s);
+        if (rc) return rc;
+        for (uint32_t n = 0; n < GC_SLICE && id < s->hdr->heap_top; n++) {
+            uint64_t next = ds_chunk_next(s, id);
+            if (!next) { id = s->hdr->heap_top; break; }
+            release_chunk(s, (uint32_t)id, dead, ttl_now, gi);
+            id = next;
+        }
+        int done = id >= s->hdr->heap_top;
+        if (done) free_slots(s, dead);
+        ds_unlock(s);
+        if (done) return 0;
+    }
 }
 
 /* Last reference to the handle gone (refs.c): give back the slot and
  * everything it holds, then the mappings. */
 void ds_teardown(ds_store *s) {
-    if (!s->orphan && s->pid == (uint32_t)getpid() && ds_lock(s) == 0) {
-        if (DS_CLIENT(s, s->slot)->pid != 0) ds_release_slot(s, s->slot);
-        ds_unlock(s);
+    if (!s->orphan && s->pid == (uint32_t)getpid()) {
+        uint64_t self[DS_MAX_CLIENTS / 64] = {0};
+        ds_gcinfo gi = {0};
+        self[s->slot >> 6] |= 1ull << (s->slot & 63);
+        release_sliced(s, self, 0, &gi);     /* if it fails, the next gc reaps the slot */
         slot_unlock(s->index_fd, s->slot);
     }
     unmap_all(s);
@@ -472,16 +509,22 @@ void ds_teardown(ds_store *s) {
 
 /* ---- gc ---- */
 
+/* Reap dead clients: claim each dead slot (take its OFD lock: then it is
+ * ours to reap and nobody else's), release what they held in slices,
+ * free the slots, let go of the claims.  One reaping thread per process
+ * (gc_busy); a gc that finds one running returns at once. */
 int ds_gc(ds_store *s, ds_gcinfo *out) {
     ds_header *h = s->hdr;
     memset(out, 0, sizeof *out);
     int rc = ds_enter(s);
     if (rc) return rc;
-    if ((rc = ds_lock(s))) { ds_leave(s); return rc; }
+    if (__atomic_exchange_n(&s->gc_busy, 1, __ATOMIC_ACQUIRE)) { ds_leave(s); return 0; }
+    if ((rc = ds_lock(s))) goto out;
     uint64_t dead[DS_MAX_CLIENTS / 64] = {0};
     for (uint32_t i = 0; i < h->max_clients; i++) {
         ds_client *c = DS_CLIENT(s, i);
         if (c->pid == 0 || i == s->slot || ds_slot_alive(s, i)) continue;
+        if (ds_slot_lock(s->index_fd, i) != 0) continue;   /* came alive, or being reaped */
         dead[i >> 6] |= 1ull << (i & 63);
         out->dead_clients++;
     }
@@ -489,13 +532,17 @@ int ds_gc(ds_store *s, ds_gcinfo *out) {
     uint64_t every = h->transit_ttl / 8 < 60 ? h->transit_ttl / 8 : 60;
     int transit_due = h->transit && now >= h->transit_walk + every;   /* not on every gc */
     if (transit_due) h->transit_walk = now;
-    if (out->dead_clients || transit_due)
-        release_clients(s, dead, transit_due ? now : 0, out);
     h->reaped_clients += out->dead_clients;
     h->gc_runs++;
     ds_unlock(s);
+    if (out->dead_clients || transit_due)
+        rc = release_sliced(s, dead, transit_due ? now : 0, out);
+    for (uint32_t i = 0; i < DS_MAX_CLIENTS; i++)
+        if (DEAD(h, dead, i)) slot_unlock(s->index_fd, i);
+out:
+    __atomic_store_n(&s->gc_busy, 0, __ATOMIC_RELEASE);
     ds_leave(s);
-    return 0;
+    return rc;
 }
 
 void ds_client_self(ds_store *s, uint32_t *slot, uint64_t *attach_ns) {
