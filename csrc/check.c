@@ -187,7 +187,7 @@ int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
                 err(&c, "blob %llu: refcount %u, but %u objects use it", (unsigned long long)id, ch->refcnt, cref[id]);
             ds_blob *b = (ds_blob *)ch;
             uint64_t head = 16ull * b->nbufs + b->desclen;
-            if (!(b->h.flags & DS_BF_SMALL) && cref[id] &&
+            if (!(b->h.flags & DS_BF_SMALL) && (cref[id] || (b->h.flags & DS_BF_REAP)) &&
                 ((head + 15) & ~15ull) + 8ull * b->nextents <= b->body && fits(s, id, sizeof *b + (uint64_t)b->body)) {
                 uint32_t *ext = (uint32_t *)ds_blob_payload(b);
                 for (uint32_t e = 0; e < b->nextents; e++) {

@@ -151,7 +151,13 @@ typedef struct ds_object {
  * sealed value.  Small blobs are deduplicated by content (h.fp, blob
  * index); large ones belong to one object and hold one page reference
  * per non-zero page of their extents. */
-enum { DS_BF_SMALL = 1, DS_BF_HASHED = 2, DS_BF_NODEDUP = 4 };
+enum { DS_BF_SMALL = 1, DS_BF_HASHED = 2, DS_BF_NODEDUP = 4, DS_BF_REAP = 8 };
+/* A large blob whose last object went (refcnt 0) with many pages is
+ * released in slices (object.c ds_reap_flush): flagged DS_BF_REAP, its
+ * client slot in h.next (large blobs are never in a hash chain), its
+ * page runs trimmed from the end as they are released, so the runs left
+ * are exactly the references it still holds.  gc finishes one whose
+ * client died; crash recovery drops it (refcnt 0) and recounts pages. */
 typedef struct ds_blob {
     ds_chunk h;
     uint64_t size;         /* data region bytes */
@@ -331,6 +337,9 @@ void ds_page_decref_cold(ds_store *s, uint32_t page);
 int  ds_pmeta_ensure(ds_store *s, uint32_t page);
 uint32_t ds_now_ms32(void);          /* CLOCK_MONOTONIC ms, low 32 bits: freed-page stamps */
 int  ds_punch_flush(ds_store *s);    /* lock held: punch a slice of pages freed past the warm cap */
+int  ds_reap_flush(ds_store *s);     /* lock held: release a slice of a dropped large value's pages */
+void ds_reap_pause(void);            /* no lock: test hook between slices */
+void ds_blob_release_all(ds_store *s, uint32_t bid);   /* lock held: a REAP blob, at once */
 void ds_punch_forget(void);
 int  ds_decay_in(ds_store *s, uint32_t decay_ms, uint32_t *cursor, uint64_t *returned,
                  uint64_t *warm_left);

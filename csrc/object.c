@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include "layout.h"
 
 #define ALIGN16(x) (((x) + 15ull) & ~15ull)
@@ -111,21 +112,104 @@ ds_object *ds_object_new(ds_store *s, const uint8_t *key, uint32_t keylen, uint6
     return o;
 }
 
+/* Release up to 'budget' page references of a large blob, from the end
+ * of its runs (the runs left are what it still holds).  Returns the
+ * budget left; *empty when nothing is left.  Lock held. */
+static uint32_t blob_release_pages(ds_store *s, ds_blob *b, uint32_t budget, int *empty) {
+    uint32_t *ext = (uint32_t *)ds_blob_payload(b), runs = ds_blob_runs(b);
+    while (runs && budget) {
+        uint32_t *e = ext + 2 * (runs - 1), pg = e[0], np = e[1];
+        if (pg == DS_ZERO) { s->hdr->pages_zero -= np; runs--; continue; }
+        uint32_t take = np < budget ? np : budget;
+        for (uint32_t k = np - take; k < np; k++) ds_page_decref(s, pg + k);
+        e[1] = np - take;
+        budget -= take;
+        if (e[1] == 0) runs--;
+    }
+    b->nextents = runs;
+    *empty = runs == 0;
+    return budget;
+}
+
+/* Dropped large values whose release this thread owes, released by
+ * ds_unlock in slices of REAP_SLICE pages, one lock hold each (as for
+ * punching, pool.c): a delete of many GiB never holds the lock for its
+ * whole size.  'epoch' is the recovery count when queued: a rebuild in
+ * between has already dropped the blobs and recounted their pages. */
+#define REAP_SLICE 16384u
+#define REAP_MAX 8u
+static __thread uint32_t reap_q[REAP_MAX], reap_n;
+static __thread ds_store *reap_s;
+static __thread uint64_t reap_epoch;
+
+/* DEDUPSHM_TEST_REAP_SLICE=n: slices of n pages and a 0.2 ms pause
+ * (without the lock) after each (tests: a SIGKILL then lands between two
+ * slices most of the time) */
+static uint32_t g_reap_slice = REAP_SLICE;
+static pthread_once_t g_reap_once = PTHREAD_ONCE_INIT;
+static void reap_slice_init(void) {
+    const char *e = getenv("DEDUPSHM_TEST_REAP_SLICE");
+    long v = e ? strtol(e, NULL, 10) : 0;
+    if (v > 0 && v < (long)REAP_SLICE) g_reap_slice = (uint32_t)v;
+}
+
+static uint64_t blob_pages(ds_blob *b) {
+    const uint32_t *ext = (const uint32_t *)ds_blob_payload(b);
+    uint64_t n = 0;
+    for (uint32_t e = 0, runs = ds_blob_runs(b); e < runs; e++)
+        if (ext[2 * e] != DS_ZERO) n += ext[2 * e + 1];
+    return n;
+}
+
+void ds_blob_release_all(ds_store *s, uint32_t bid) {
+    ds_blob *b = (ds_blob *)ds_chunk_get(s, bid, DS_K_BLOB);
+    if (!b || (b->h.flags & DS_BF_SMALL)) return;
+    int empty;
+    while (blob_release_pages(s, b, 1u << 30, &empty) == 0 && !empty) {}
+    ds_chunk_free(s, bid);
+}
+
+void ds_reap_pause(void) {
+    if (g_reap_slice != REAP_SLICE) usleep(200);
+}
+
+int ds_reap_flush(ds_store *s) {
+    if (!reap_n) return 0;
+    if (reap_s != s || reap_epoch != s->hdr->recoveries) { reap_n = 0; return 0; }
+    uint32_t budget = g_reap_slice;
+    while (reap_n && budget) {
+        uint32_t bid = reap_q[0];
+        ds_blob *b = (ds_blob *)ds_chunk_get(s, bid, DS_K_BLOB);
+        int empty = 1;
+        if (b && (b->h.flags & DS_BF_REAP) && b->h.next == s->slot && b->h.refcnt == 0) {
+            budget = blob_release_pages(s, b, budget, &empty);
+            if (empty) ds_chunk_free(s, bid);
+        }
+        if (!empty) break;
+        memmove(reap_q, reap_q + 1, 4ull * --reap_n);
+    }
+    return reap_n != 0;
+}
+
 static void blob_decref(ds_store *s, uint32_t bid) {
     ds_blob *b = (ds_blob *)ds_chunk_get(s, bid, DS_K_BLOB);
     if (!b || b->h.refcnt == 0 || --b->h.refcnt > 0) return;
     if (b->h.flags & DS_BF_SMALL) {
         if (b->h.flags & DS_BF_HASHED) ds_lh_remove(s, &s->hdr->blobs_ix, &ds_chunk_ops, bid);
         s->hdr->small_bytes -= ds_class_bytes(b->h.cls);
-    } else {
-        uint32_t *ext = (uint32_t *)ds_blob_payload(b), runs = ds_blob_runs(b);
-        for (uint32_t e = 0; e < runs; e++) {
-            uint32_t pg = ext[2 * e], np = ext[2 * e + 1];
-            if (pg == DS_ZERO) { s->hdr->pages_zero -= np; continue; }
-            for (uint32_t k = 0; k < np; k++) ds_page_decref(s, pg + k);
-        }
+        ds_chunk_free(s, bid);
+        return;
     }
-    ds_chunk_free(s, bid);
+    if (reap_n && (reap_s != s || reap_epoch != s->hdr->recoveries)) reap_n = 0;
+    pthread_once(&g_reap_once, reap_slice_init);
+    if (reap_n < REAP_MAX && blob_pages(b) > g_reap_slice) {
+        b->h.flags |= DS_BF_REAP;
+        b->h.next = s->slot;
+        if (!reap_n) { reap_s = s; reap_epoch = s->hdr->recoveries; }
+        reap_q[reap_n++] = bid;
+        return;
+    }
+    ds_blob_release_all(s, bid);
 }
 
 static void pending_release(ds_store *s, uint32_t pid) {

@@ -146,17 +146,21 @@ int ds_lock(ds_store *s) {
     return rc;
 }
 
-/* Pages freed past the warm cap in this critical section are punched
- * (in runs) in slices, each under its own lock hold (pool.c). */
+/* Large values dropped in this critical section (object.c) and pages
+ * freed past the warm cap (pool.c) are released and punched in slices,
+ * each under a lock hold of its own. */
 void ds_unlock(ds_store *s) {
-    int more = ds_punch_flush(s);
+    int more = ds_reap_flush(s);
+    more |= ds_punch_flush(s);
     pthread_mutex_unlock(&s->hdr->lock);
     while (more) {
+        ds_reap_pause();
         if (ds_lock(s) != 0) {
             ds_punch_forget();
             return;
         }
-        more = ds_punch_flush(s);
+        more = ds_reap_flush(s);
+        more |= ds_punch_flush(s);
         pthread_mutex_unlock(&s->hdr->lock);
     }
 }
@@ -438,6 +442,9 @@ static void release_chunk(ds_store *s, uint32_t id, const uint64_t *dead, uint64
                DEAD(h, dead, ((ds_object *)c)->owner)) {
         ds_object_free(s, id);
         gi->objects_reclaimed++;
+    } else if (c->kind == DS_K_BLOB && (c->flags & DS_BF_REAP) && c->refcnt == 0 &&
+               DEAD(h, dead, c->next)) {
+        ds_blob_release_all(s, id);          /* its releaser died between slices */
     } else if (c->kind == DS_K_MERGE && DEAD(h, dead, ((ds_pending *)c)->owner)) {
         ds_pending *mg = (ds_pending *)c;
         for (uint32_t k = 0, n = ds_list_len(mg); k < n; k++)

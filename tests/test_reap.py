@@ -4,6 +4,7 @@ exactly once, and slots come back for new processes."""
 import multiprocessing as mp
 import os
 import signal
+import time
 
 import dedupshm
 from helpers import wait_for
@@ -64,3 +65,44 @@ def test_concurrent_reapers_release_once(make_store):
     assert r.poll(60)
     p.join(30)
     assert p.exitcode == 0
+
+
+def _put_delete_loop(name, nbytes, conn):
+    os.environ["DEDUPSHM_TEST_REAP_SLICE"] = "16"   # before the core reads it
+    import numpy as np
+    s = dedupshm.Store(name)
+    a = np.random.default_rng(os.getpid()).integers(0, 2**63, nbytes // 8)
+    conn.send("ready")
+    i = 0
+    while True:
+        i += 1
+        a[::512] = i                       # new pages every time
+        r = s.put(a)
+        s.delete(r)
+        del r
+
+
+def test_large_deletes_in_slices_stay_consistent_and_survive_sigkill(make_store):
+    """Large values are released in slices after their last reference
+    goes; check() between slices, and the releaser's SIGKILL at any point,
+    leave the store consistent and nothing held."""
+    import random
+    s = make_store(capacity="1GiB")           # warm cap 256 MiB: deletes punch too
+    ctx = mp.get_context("spawn")
+    rng = random.Random(7)
+    for round_ in range(4):
+        r, w = ctx.Pipe()
+        p = ctx.Process(target=_put_delete_loop, args=(s.name, 192 << 20, w))
+        p.start()
+        assert r.poll(120) and r.recv() == "ready"
+        deadline = time.monotonic() + rng.uniform(0.3, 1.5)
+        while time.monotonic() < deadline:
+            rep = s.check()
+            assert rep.ok, rep.errors[:5]
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+    wait_for(lambda: (s.gc(), s.stats()["pages_used"] == 0)[1], timeout=60,
+             msg="pages of killed releasers given back")
+    st = s.stats()
+    assert st["objects"] == 0 and st["handles"] == 0, st
+    assert s.check().ok
