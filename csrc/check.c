@@ -1,8 +1,11 @@
 /*
  * check.c -- a full consistency check of a store (ds_check).
  *
- * Who may call: anyone; it takes hdr->lock for the whole check (a
- * consistent snapshot) and changes nothing.  It walks the heap with the
+ * Who may call: anyone; it changes nothing.  First, in slices of
+ * CHECK_SLICE pages, it hashes every published page without the lock (a
+ * mismatch is confirmed under the lock: the page may have been freed and
+ * reused meanwhile); then it takes hdr->lock once for the rest (a
+ * consistent snapshot of the metadata, no page contents read).  It walks the heap with the
  * one walk of layout.h (DS_FOR_CHUNKS).  It recomputes from the
  * primary records what every derived structure should be and compares:
  *   - every heap chunk has a known kind and class and ends inside the heap;
@@ -59,12 +62,50 @@ static int fits(ds_store *s, uint64_t id, uint64_t bytes) {
     return bytes <= ds_class_bytes(DS_CHUNK(s, id)->cls);
 }
 
+/* Every published page still hashes to its fingerprint (the bytes of
+ * sealed objects are intact): CHECK_SLICE pages per lock hold, hashed
+ * without the lock. */
+#define CHECK_SLICE 4096u
+static int check_contents(ds_store *s, ck *c, ds_checkinfo *out) {
+    uint32_t *pg = malloc(8ull * CHECK_SLICE), *fp = pg + CHECK_SLICE;
+    int rc = pg ? 0 : ENOMEM;
+    for (uint32_t p0 = 0; rc == 0; p0 += CHECK_SLICE) {
+        if ((rc = ds_lock(s))) break;
+        ds_header *h = s->hdr;
+        uint32_t hwm = h->page_hwm <= h->cap_pages ? h->page_hwm : h->cap_pages, n = 0;
+        for (uint32_t p = p0; p < hwm && p - p0 < CHECK_SLICE; p++) {
+            ds_pmeta *m = DS_PMETA(s, p);
+            if (m->refcnt && m->next != DS_UNHASHED) { pg[n] = p; fp[n++] = m->fp; }
+        }
+        ds_unlock(s);
+        if (p0 >= hwm) break;
+        uint32_t bad = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            out->bytes_checked += DS_PAGE_SIZE;
+            if ((uint32_t)ds_hash_bytes(s, DS_POOL_RO(s, pg[i]), DS_PAGE_SIZE) != fp[i])
+                pg[bad++] = pg[i];
+        }
+        if (!bad) continue;
+        if ((rc = ds_lock(s))) break;
+        for (uint32_t i = 0; i < bad; i++) {
+            ds_pmeta *m = DS_PMETA(s, pg[i]);
+            if (m->refcnt && m->next != DS_UNHASHED &&
+                (uint32_t)ds_hash_bytes(s, DS_POOL_RO(s, pg[i]), DS_PAGE_SIZE) != m->fp)
+                err(c, "page %u: bytes changed since it was published (shared by %u)", pg[i], m->refcnt);
+        }
+        ds_unlock(s);
+    }
+    free(pg);
+    return rc;
+}
+
 int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
     memset(out, 0, sizeof *out);
     if (buflen) buf[0] = 0;
     ck c = {s, buf, buflen, 0, 0};
-    int rc = ds_lock(s);
+    int rc = check_contents(s, &c, out);
     if (rc) return rc;
+    if ((rc = ds_lock(s))) return rc;
     ds_header *h = s->hdr;
     uint32_t hwm = h->page_hwm <= h->cap_pages ? h->page_hwm : h->cap_pages;
     uint32_t *pref = calloc((size_t)hwm + 1, 4);         /* expected page refcounts */
@@ -234,10 +275,6 @@ int ds_check_in(ds_store *s, char *buf, uint64_t buflen, ds_checkinfo *out) {
         }
         if (m->next != DS_UNHASHED && m->refcnt) {
             hashed++;
-            uint64_t fp = ds_hash_bytes(s, DS_POOL_RO(s, p), DS_PAGE_SIZE);
-            out->bytes_checked += DS_PAGE_SIZE;
-            if ((uint32_t)fp != m->fp)
-                err(&c, "page %u: bytes changed since it was published (shared by %u)", p, m->refcnt);
             uint32_t x = ds_lh_first(s, &h->pages_ix, m->fp), guard = 0;
             while (x != DS_NIL && x != p && x < h->cap_pages && guard++ < 1000000) x = DS_PMETA(s, x)->next;
             if (x != p) err(&c, "page %u: published but not in the content index", p);
