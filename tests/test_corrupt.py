@@ -112,3 +112,29 @@ def test_corrupt_files_never_crash(template, which, flips, truncate):
         assert "refused" in r.stdout or "survived" in r.stdout
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_check_finds_changed_page_bytes_while_others_work(make_store):
+    """A byte of a stored page changed behind the store's back is reported
+    by check() (which hashes pages without holding the lock), and a store
+    busy with puts and deletes meanwhile gives no false report."""
+    from helpers import store_files
+    s = make_store(capacity="256MiB")
+    rng = np.random.default_rng(5)
+    keep = rng.integers(0, 255, 64 << 20, dtype=np.uint8)
+    s["keep"] = keep
+    assert s.check().ok
+    for i in range(20):                       # churn: pages freed and reused under check
+        r = s.put(rng.integers(0, 255, 8 << 20, dtype=np.uint8))
+        rep = s.check()
+        assert rep.ok, rep.errors[:3]
+        s.delete(r)
+        del r
+    pool = store_files(s.name)[1]
+    with open(pool, "r+b") as f:              # the owner can write its own files
+        f.seek(4096 * 3 + 100)
+        b = f.read(1)
+        f.seek(4096 * 3 + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    rep = s.check()
+    assert any("bytes changed" in e for e in rep.errors), rep.errors[:5]
