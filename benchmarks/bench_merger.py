@@ -420,9 +420,10 @@ class KsmSession:
     the defaults, and restores everything on exit (run=2 first if merged
     pages are left over from us)."""
 
-    def __init__(self):
+    def __init__(self, pages_to_scan=100, sleep_ms=20):
         self.old = {}
         self.restored = False
+        self.pages_to_scan, self.sleep_ms = pages_to_scan, sleep_ms
 
     def __enter__(self):
         for k in ("run", "pages_to_scan", "sleep_millisecs"):
@@ -434,8 +435,8 @@ class KsmSession:
         try:
             if self.old.get("advisor_mode", "none") != "none":
                 ksm_write("advisor_mode", "none")
-            ksm_write("pages_to_scan", 100)
-            ksm_write("sleep_millisecs", 20)
+            ksm_write("pages_to_scan", self.pages_to_scan)
+            ksm_write("sleep_millisecs", self.sleep_ms)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -515,8 +516,15 @@ def _converge(read, goal, max_extra_s, poll_s, stall_s=None):
     return v
 
 
-def run_ours(w, size, deadline, steady_s=0.0):
-    """One run of our merger at defaults on NPROC x size identical bytes."""
+#: both at their fastest (issue 10): ours scans without pause on a whole
+#: core per process; KSM scans 10000 pages per wake-up, no sleep
+OURS_FASTEST = {"pages_to_scan": 1 << 20, "sleep_ms": 0, "max_cpu": 1.0}
+KSM_FASTEST = {"pages_to_scan": 10000, "sleep_ms": 0}
+
+
+def run_ours(w, size, deadline, steady_s=0.0, start_kw=None):
+    """One run of our merger (at defaults unless start_kw) on NPROC x size
+    identical bytes."""
     pages = size // PAGE
     dups = (NPROC - 1) * pages
     goal = 0.9 * dups
@@ -533,7 +541,7 @@ def run_ours(w, size, deadline, steady_s=0.0):
             cpu0_w = procs_cpu(w.pids)
             st0 = s.stats()
             t0 = ns()
-            w.call("start", {})
+            w.call("start", start_kw or {})
             stalled = {}
             t90, v = _wait(lambda: s.stats()["pages_sharing"], goal, deadline, 0.01, t0,
                            stall_s=STALL_S, stalled=stalled)
@@ -589,13 +597,14 @@ def run_ours(w, size, deadline, steady_s=0.0):
     return out
 
 
-def run_ksm(w, size, deadline, ksmd, steady_s=0.0):
-    """One run of kernel KSM at its defaults on NPROC x size identical bytes."""
+def run_ksm(w, size, deadline, ksmd, steady_s=0.0, settings=None):
+    """One run of kernel KSM (at its defaults unless settings) on NPROC x
+    size identical bytes."""
     pages = size // PAGE
     dups = (NPROC - 1) * pages
     goal = 0.9 * dups
     out = {"size": size, "dups": dups}
-    with KsmSession() as ks:
+    with KsmSession(**(settings or {})) as ks:
         try:
             base_anon = [anon_private(p) for p in w.pids]
             shmem0 = meminfo("Shmem")
@@ -794,6 +803,14 @@ def run(quick=False, use_ray=True):  # noqa: C901 - one straight-line report
                 _note_ksm(ksm256, 120)
             res.info["ours256"], res.info["ksm256"] = ours256, ksm256
 
+        # ---- 1b: both at their fastest
+        fsize = 32 * MiB if quick else 256 * MiB
+        with phase(f"fastest 4 x {fsize // MiB} MiB"):
+            fast = [run_ours(w, fsize, 60, start_kw=OURS_FASTEST) for _ in range(2)]
+            kfast = run_ksm(w, fsize, 60, ksmd, settings=KSM_FASTEST) if ksmd else None
+        res.info["fastest"] = {"ours": fast, "ksm": kfast}
+        _report_fastest(res, fsize, fast, kfast, why_no_ksm)
+
         # ---- 3: scan throughput
         with phase("scan throughput"):
             scan = run_scan(w, scan_size, 3)
@@ -810,6 +827,26 @@ def run(quick=False, use_ray=True):  # noqa: C901 - one straight-line report
     _report(res, quick, ours32, ours16, ours256, ksm_small, ksm256, scan, scan_size, mixed,
             why_no_ksm, w.exitcodes)
     return res
+
+
+def _report_fastest(res, size, fast, kfast, why_no_ksm):
+    label = f"both at their fastest, 4 x {size // MiB} MiB"
+    t = _med([r for r in fast if r["t90"] is not None], "t90")
+    cpu = _med(fast, "merger_cpu")
+    kt = kfast["t90"] if kfast else None
+    kcpu = kfast["ksmd_cpu"] if kfast else None
+    kname = "KSM 10000 pages, 0 ms" if kfast else f"KSM: {why_no_ksm}"
+    res.row(f"time to 90% merged, {label}", t, kt, kname)
+    res.row("  CPU s to 90% (merger_cpu_seconds; ksmd utime+stime)", cpu, kcpu, kname)
+    note(f"fastest: ours {', '.join(fmt_time(r['t90']) if r['t90'] else 'missed' for r in fast)}"
+         f" (merger CPU {fmt_time(cpu) if cpu is not None else '-'}); KSM "
+         f"{fmt_time(kt) if kt else '-'} (ksmd CPU {fmt_time(kcpu) if kcpu else '-'})")
+    ok = None
+    if t is not None and kt is not None:
+        ok = kt / t >= 5 and (cpu or 0) <= (kcpu or 0)
+    res.target(f"time to 90% merged, {label}", t, kt, kname, "s", "lower",
+               ">= 5x sooner than KSM, CPU <= ksmd's", ok)
+    res.target(f"CPU s to 90%, {label}", cpu, kcpu, kname, "s", "lower", "(info)", None)
 
 
 def _note_ours(o, r):

@@ -89,6 +89,7 @@
 typedef struct region {
     uint8_t *addr;
     uint32_t npages;
+    uint64_t serial;         /* never reused: names the region in the pagemap cache */
     uint32_t chunk;          /* MERGE chunk in the heap */
     uint32_t fork_copy;      /* fork: the child's copy of chunk (ds_merger_fork_dup) */
     uint64_t *lastfp;        /* fingerprint at the last look (0: none) */
@@ -110,6 +111,17 @@ struct ds_merger {
     uint32_t vma_budget;
     uint64_t vmas;           /* mappings our merges created (estimate) */
     int pagemap_fd;
+    /* pagemap entries of pages [pmc_first, pmc_first + pmc_n) of region
+     * pmc_serial, read PMC_PAGES at a time (one read per 64-page batch was
+     * most of a pass's cost).  A cached entry can be stale only in the
+     * safe directions: a page written since (still seen as merged: its
+     * reference is kept a pass longer; seen as not present: looked at next
+     * pass).  Pages only become merged in their own batch, so an entry is
+     * used once, for the batch that looks at its page: the cache serves
+     * pages from pmc_next on only. */
+    uint64_t *pmc;
+    uint64_t pmc_serial, serial_seq;
+    uint32_t pmc_first, pmc_n, pmc_next;
     int fork_locked;         /* mu taken by ds_merger_fork_prepare */
     int fork_waiting;        /* a fork wants mu: the scan yields it between batches */
     int fork_dup;            /* this fork: 0 no ds_merger_fork_dup call, 1 copies made, -1 it failed */
@@ -209,6 +221,7 @@ int ds_mergeable_alloc_in(ds_store *s, uint64_t nbytes, uint8_t **addr) {
         goto fail;
     }
     pthread_mutex_lock(&m->mu);
+    r->serial = ++m->serial_seq;
     r->next = m->head;
     m->head = r;
     pthread_mutex_unlock(&m->mu);
@@ -297,6 +310,7 @@ void ds_merger_close(ds_store *s) {
     if (m->pagemap_fd >= 0) close(m->pagemap_fd);
     pthread_mutex_destroy(&m->mu);
     s->merger = NULL;
+    free(m->pmc);
     free(m);
 }
 
@@ -374,6 +388,7 @@ void ds_merger_fork_child(ds_store *s) {
     m->rereg = 1;                        /* with our own userfaultfd, at the next scan */
     if (m->pagemap_fd >= 0) close(m->pagemap_fd);
     m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    m->pmc_serial = 0;                   /* entries of the parent's address space */
     m->fork_dup = 0;
     __atomic_store_n(&m->fork_waiting, 0, __ATOMIC_RELEASE);
     if (m->fork_locked) {
@@ -410,18 +425,43 @@ static void age_up(region *r, uint32_t p) {
     if (r->age[p] < MAX_AGE) r->age[p]++;
 }
 
+/* The pagemap entries of pages [first, first+n) of r, from the cache
+ * (struct ds_merger); NULL (errno set) if they cannot be read. */
+#define PMC_PAGES 2048u
+static const uint64_t *pagemap_of(struct ds_merger *m, region *r, uint32_t first, uint32_t n) {
+    if (m->pmc_serial == r->serial && first >= m->pmc_next &&
+        first + n <= m->pmc_first + m->pmc_n) {
+        m->pmc_next = first + n;
+        return m->pmc + (first - m->pmc_first);
+    }
+    if (!m->pmc && !(m->pmc = malloc(8ull * PMC_PAGES))) return NULL;
+    uint32_t k = r->npages - first < PMC_PAGES ? r->npages - first : PMC_PAGES;
+    m->pmc_serial = 0;
+    if (k < n || m->pagemap_fd < 0) { errno = EIO; return NULL; }
+    uint8_t *base = r->addr + (uint64_t)first * DS_PAGE_SIZE;
+    if (pread(m->pagemap_fd, m->pmc, 8ull * k, (off_t)(((uintptr_t)base / DS_PAGE_SIZE) * 8)) !=
+        (ssize_t)(8ull * k)) {
+        if (!errno) errno = EIO;
+        return NULL;
+    }
+    m->pmc_serial = r->serial;
+    m->pmc_first = first;
+    m->pmc_n = k;
+    m->pmc_next = first + n;
+    return m->pmc;
+}
+
 /* Look at pages [first, first+n) of r (n <= BATCH).  m->mu held. */
 static int scan_batch(ds_store *s, struct ds_merger *m, region *r, uint32_t first, uint32_t n,
                       batchstat *st) {
     ds_header *h = s->hdr;
-    uint64_t pm[BATCH];
     uint64_t fps[BATCH];
     uint32_t target[BATCH];
     uint8_t act[BATCH], hashed[BATCH];
     uint8_t *base = r->addr + (uint64_t)first * DS_PAGE_SIZE;
-    if (m->pagemap_fd < 0 ||
-        pread(m->pagemap_fd, pm, 8ull * n, (off_t)(((uintptr_t)base / DS_PAGE_SIZE) * 8)) != (ssize_t)(8ull * n))
-        return errno ? errno : EIO;
+    errno = 0;
+    const uint64_t *pm = pagemap_of(m, r, first, n);
+    if (!pm) return errno ? errno : EIO;
 
     int todo = 0;
     uint32_t cow[BATCH], ncow = 0;
