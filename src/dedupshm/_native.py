@@ -7,6 +7,7 @@ goes through it.  The GIL is released in every C call (cffi API mode).
 """
 import errno
 import functools
+import itertools
 import os
 import stat
 import weakref
@@ -247,9 +248,9 @@ class Core:
         return n[0]
 
     def key_batches(self, keycap=1 << 18, maxn=8192):
-        """Yield lists of (key bytes, logical size), one bounded batch of
-        the store's keys at a time; the lock is held only inside each
-        batch.  A key bound for the whole walk comes exactly once."""
+        """Yield ([key bytes], [logical size]), one bounded batch of the
+        store's keys at a time; the lock is held only inside each batch.
+        A key bound for the whole walk comes exactly once."""
         cursor = ffi.new("uint64_t *")
         used, count = ffi.new("uint64_t *"), ffi.new("uint32_t *")
         keys = ffi.new("uint8_t[]", keycap)
@@ -267,11 +268,8 @@ class Core:
             if not n:
                 continue
             raw = ffi.unpack(ffi.cast("char *", keys), used[0])
-            out, pos = [], 0
-            for ln, size in zip(ffi.unpack(lens, n), ffi.unpack(sizes, n)):
-                out.append((raw[pos:pos + ln], size))
-                pos += ln
-            yield out
+            ends = list(itertools.accumulate(ffi.unpack(lens, n)))
+            yield ([raw[a:b] for a, b in zip([0] + ends, ends)], ffi.unpack(sizes, n))
 
     def stats(self):
         st = ffi.new("ds_stats *")

@@ -53,20 +53,33 @@ def cmd_stats(args, out):
     return 0
 
 
+def _ls_key(k):
+    return k if isinstance(k, str) else k.hex()
+
+
 def cmd_ls(args, out):
+    """Streams: keys come in the store's walk order, a batch at a time,
+    in constant memory however many there are (--sort collects them all
+    to order by size)."""
     with Store(args.name, directory=args.directory) as st:
-        items = sorted(st.items_sizes(), key=lambda kv: (-kv[1], repr(kv[0])))
-    if args.json:
-        out.write(json.dumps([{"key": k if isinstance(k, str) else k.hex(), "bytes": n}
-                              for k, n in items], indent=2) + "\n")
-        return 0
-    if not items:
-        out.write("(no keys)\n")
-        return 0
-    out.write(f"{'SIZE':>12}  KEY\n")
-    for k, n in items:
-        out.write(f"{human_bytes(n):>12}  {k!r}\n" if not isinstance(k, str) else f"{human_bytes(n):>12}  {k}\n")
-    out.write(f"{len(items)} keys, {human_bytes(sum(n for _, n in items))} logical\n")
+        items = st.scan()
+        if getattr(args, "sort", False):
+            items = sorted(items, key=lambda kv: (-kv[1], repr(kv[0])))
+        if args.json:
+            out.write("[")
+            for i, (k, n) in enumerate(items):
+                out.write(("," if i else "") + "\n  " +
+                          json.dumps({"key": _ls_key(k), "bytes": n}))
+            out.write("\n]\n")
+            return 0
+        count = total = 0
+        for k, n in items:
+            if not count:
+                out.write(f"{'SIZE':>12}  KEY\n")
+            out.write(f"{human_bytes(n):>12}  {k if isinstance(k, str) else repr(k)}\n")
+            count += 1
+            total += n
+    out.write(f"{count} keys, {human_bytes(total)} logical\n" if count else "(no keys)\n")
     return 0
 
 
@@ -348,6 +361,10 @@ def build_parser():
         c = sub.add_parser(name, help=helptext)
         c.add_argument("name")
         c.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "ls":
+            c.add_argument("--sort", action="store_true",
+                           help="largest first (holds every key in memory; without it "
+                                "ls streams in constant memory)")
         c.set_defaults(fn=fn)
     r = sub.add_parser("rm", help="remove a store's files")
     r.add_argument("name")
