@@ -3,7 +3,7 @@
     python benchmarks/run_all.py            full run (< 10 min)
     python benchmarks/run_all.py --quick    smoke run for CI (~2 min, merger ~50 s)
     options: --json [PATH]  write results (default benchmarks/results.json)
-             --only NAME..  run some (memory merger fingerprint small put churn get)
+             --only NAME..  run some (memory merger fingerprint small keys put churn stall get)
              --no-ray       skip the Ray peer
              --strict       exit 1 when a target is missed
 
@@ -29,20 +29,22 @@ import _common  # noqa: E402
 
 # memory and merger first: they read the machine-wide Shmem counter, best
 # before Ray's object store exists
-ORDER = ["memory", "merger", "fingerprint", "small", "put", "churn", "get"]
+ORDER = ["memory", "merger", "fingerprint", "small", "keys", "put", "churn", "stall", "get"]
 
 
 def _modules():
     import bench_churn
     import bench_fingerprint
     import bench_get
+    import bench_keys
     import bench_memory
     import bench_merger
     import bench_put
     import bench_small
+    import bench_stall
     return {"memory": bench_memory, "merger": bench_merger, "fingerprint": bench_fingerprint,
-            "small": bench_small, "put": bench_put, "churn": bench_churn,
-            "get": bench_get}
+            "small": bench_small, "keys": bench_keys, "put": bench_put, "churn": bench_churn,
+            "stall": bench_stall, "get": bench_get}
 
 
 def _versions():
