@@ -153,12 +153,16 @@ def soak(cycles, name, report_every=None):
         ref = old = None                    # our last references
         for k in list(s):
             del s[k]
+        # the mergeable region's merged pages are real pool pages: let go
+        # of it too before counting what is left
+        s.merger.stop()
+        m = None
         gc.collect()
         samples.append((cycles, _rss(), store_bytes(name), _fds()))
         return samples, s.stats(), s.check()
     finally:
         s.merger.stop()
-        del m
+        m = None
         s.close()
         s.unlink()
 
