@@ -60,13 +60,29 @@ def _start_time(pid):
     return int(stat.rsplit(b")", 1)[1].split()[19])
 
 
-def _owner_alive(name):
-    """Whether the caller that created store ``name`` still runs."""
+def _orphaned(name, directory):
+    """Whether store ``name`` belongs to a caller that no longer runs: its
+    pid and start time (in the name) name no process here, and the store's
+    client table (liveness by lock, valid across PID namespaces) has no live
+    client with that pid.  Workers it left behind may still be attached:
+    they only finish what they were doing."""
     try:
         _, pid, start, _ = name.split("-")
-        return _start_time(int(pid)) == int(start)
+        pid, start = int(pid), int(start)
     except ValueError:
-        return True                 # not one of ours: leave it alone
+        return False                # not one of ours: leave it alone
+    if _start_time(pid) == start:
+        return False
+    from .store import Store
+    try:
+        s = Store(name, directory=directory)
+    except Exception:  # noqa: BLE001 - half created, another user's, or gone
+        return False
+    try:
+        s.gc()
+        return all(c["pid"] != pid for c in s.clients())
+    finally:
+        s.close()
 
 
 def reclaim(directory=None):
@@ -75,7 +91,7 @@ def reclaim(directory=None):
     removed = []
     with _hoststore.directory_lock(directory):
         for name in _hoststore.stores_of(PREFIX, directory):
-            if not _owner_alive(name):
+            if _orphaned(name, directory):
                 for p in _store_paths(name, directory):
                     try:
                         os.unlink(p)
