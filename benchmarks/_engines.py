@@ -63,18 +63,26 @@ def shm_bytes(patterns):
 class PeakSampler(threading.Thread):
     """Samples every ``interval`` s until stop(): peak of the tree's private
     memory + the /dev/shm files matching ``patterns``, and the peak of the
-    files alone."""
+    files alone.  ``store``: a dedupshm Store among those files; its freed
+    pages kept warm for reuse (``warm_bytes``) are not counted as in use, so
+    that reusing them shows as memory used (``peak_physical``: the peak of
+    its ``physical_bytes``)."""
 
-    def __init__(self, patterns, interval=0.02):
+    def __init__(self, patterns, interval=0.02, store=None):
         super().__init__(daemon=True)
         self.patterns = list(patterns)
         self.interval = interval
+        self.store = store
         self.ev = threading.Event()
-        self.peak = self.peak_shm = 0
+        self.peak = self.peak_shm = self.peak_physical = 0
         self.sample()
 
     def sample(self):
         shm = shm_bytes(self.patterns)
+        if self.store is not None:
+            st = self.store.stats()
+            shm -= st["warm_bytes"]
+            self.peak_physical = max(self.peak_physical, st["physical_bytes"])
         tree = sum(private_pss(p) for p in descendants(os.getpid()))
         self.peak = max(self.peak, tree + shm)
         self.peak_shm = max(self.peak_shm, shm)

@@ -12,8 +12,8 @@ One host, a LocalCluster of 2 worker processes x 1 thread (memory limit
 
 For each: wall time and the peak host memory above the idle cluster --
 the Pss_Anon + Pss_File of the client, scheduler, nannies and workers plus
-the blocks of the host store's files, sampled every 20 ms (no machine-wide
-counter).  Medians of 3 repeats (--quick: 1).  Peer: the same cluster
+the blocks of the host store's files less its freed pages kept warm for
+reuse, sampled every 20 ms (no machine-wide counter).  Medians of 3 repeats (--quick: 1).  Peer: the same cluster
 without the plugin (Dask's own serialization, bytes over loopback TCP).
 
     python benchmarks/bench_dask.py [--quick]
@@ -59,11 +59,11 @@ def _settle(c, timeout=60):
     gc.collect()
 
 
-def _measure(c, patterns, job):
+def _measure(c, patterns, job, store):
     """(wall time, peak memory above idle, memory held after above idle)."""
     gc.collect()
-    idle = PeakSampler(patterns).sample()
-    s = PeakSampler(patterns)
+    idle = PeakSampler(patterns, store=store).sample()
+    s = PeakSampler(patterns, store=store)
     s.start()
     t0 = time.perf_counter()
     keep = job()
@@ -109,21 +109,28 @@ def _run_peer(peer, nbytes, reps):
     out = {}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="6GiB",
                       dashboard_address=None) as cl, Client(cl) as c:
+        store = None
+        name = store_name(host_identity(), c.scheduler.address)
         if peer == "dedupshm":
             c.register_plugin(StorePlugin())
-        name = store_name(host_identity(), c.scheduler.address)
+            from dedupshm import Store
+            store = Store(name)             # for its counters (warm pages are not in use)
         patterns = [f"/dev/shm/dedupshm.{name}.*"]
         c.run(abs, 1)
         for rep in range(reps):
             for what, (setup, job) in _scenarios(c, nbytes, 100 * rep).items():
                 _settle(c)
                 if setup is None:
-                    fig = _measure(c, patterns, job)
+                    fig = _measure(c, patterns, job, store)
                 else:
                     a = setup()
-                    fig = _measure(c, patterns, lambda: job(a))
+                    fig = _measure(c, patterns, lambda: job(a), store)
                     del a
                 out.setdefault(what, []).append(fig)
+        if store is not None:
+            store.close()                   # or the last worker would not remove it
+            del store
+            gc.collect()
     return out
 
 

@@ -7,9 +7,10 @@ fits (memory-bound: each fit reads its training rows), run 3 times in the
 same process (a notebook refitting, a nested CV: the same X again).  For
 each run: wall time, peak host memory above the idle process (Pss_Anon +
 Pss_File of the caller and its workers, plus the blocks of the /dev/shm
-files in play: our store, joblib's memmapping folders) and the bytes
-newly written to /dev/shm (joblib: the peak size of its memmapping
-folders; ours: the growth of the store's pool file).  The two backends
+files in play: our store less its freed pages kept warm, joblib's
+memmapping folders) and the bytes newly written to /dev/shm (joblib: the
+peak size of its memmapping folders; ours: the growth of the store's
+physical_bytes, the pages it newly used).  The two backends
 run in separate fresh processes, one after the other.
 
     python benchmarks/bench_joblib.py [--quick]
@@ -26,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 from _common import Result, fmt_bytes, print_table, run_standalone  # noqa: E402
-from _engines import PeakSampler, shm_bytes  # noqa: E402
+from _engines import PeakSampler  # noqa: E402
 
 MiB = 1 << 20
 RUNS = 3
@@ -52,12 +53,12 @@ def _child(backend, mib):
         dj.register()
         with joblib.parallel_config(backend="dedupshm"):
             dj.caller_store()
+    store = None
     if backend == "dedupshm":
-        store = dj.caller_store()
-        pool = os.path.join(store.store.directory, f"dedupshm.{store.name}.pool")
-        patterns = [pool]
+        c = dj.caller_store()
+        store = c.store
+        patterns = [os.path.join(store.directory, f"dedupshm.{c.name}.*")]
     else:
-        pool = None
         patterns = [f"/dev/shm/joblib_memmapping_folder_{os.getpid()}_*",
                     f"/tmp/joblib_memmapping_folder_{os.getpid()}_*"]
     grid = {"shrink_threshold": [None, 0.1, 0.2, 0.5, 1.0]}
@@ -66,15 +67,17 @@ def _child(backend, mib):
         # start the workers outside the timed runs
         joblib.Parallel()(joblib.delayed(abs)(i) for i in range(4))
         for _ in range(RUNS):
-            idle = PeakSampler(patterns).sample()
-            before = shm_bytes([pool]) if pool else 0
-            s = PeakSampler(patterns)
+            idle = PeakSampler(patterns, store=store).sample()
+            before = store.stats()["physical_bytes"] if store is not None else 0
+            s = PeakSampler(patterns, store=store)
             s.start()
             t0 = time.perf_counter()
             gs = GridSearchCV(NearestCentroid(), grid, cv=2, n_jobs=2).fit(X, y)
             dt = time.perf_counter() - t0
             s.stop()
-            written = (shm_bytes([pool]) - before) if pool else s.peak_shm
+            # new pages in /dev/shm: for us, pages the store newly used (a
+            # dedup hit uses none); for loky, its memmapping folders' peak
+            written = s.peak_physical - before if store is not None else s.peak_shm
             out.append({"time": dt, "peak": max(s.peak - idle, 0), "written": written,
                         "score": float(gs.best_score_)})
     print(json.dumps(out))
