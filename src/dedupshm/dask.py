@@ -12,7 +12,8 @@ unless the environment variable ``DEDUPSHM_DASK_HOST`` names another).  Then:
   that the worker holds -- a task's result, data scattered to it, a value
   fetched from another worker -- is put into the host's store and held as a
   read-only array over the store's shared memory.  Equal values are stored
-  once per host (the store dedups pages);
+  once per host (the store dedups pages).  A task's result is put in the
+  task's own thread; scattered data on arrival (on the event loop);
 * a transfer of such a value to another worker of the same host carries a
   reference (about 150 bytes) instead of the bytes; the receiver maps the
   same pages.  Transfers to other hosts, and to the client, take Dask's
@@ -25,6 +26,7 @@ unless the environment variable ``DEDUPSHM_DASK_HOST`` names another).  Then:
 Tasks receive store-backed arrays read-only (as with joblib's memmapping):
 a task that writes into its input must copy it first.
 """
+import concurrent.futures as cf
 import hashlib
 import logging
 import os
@@ -158,6 +160,35 @@ class _SharedData(MutableMapping):
 
     def __getattr__(self, name):
         if name in ("inner", "shared", "host"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class _SharingExecutor(cf.Executor):
+    """The worker's task executor, with one more step in the task's thread:
+    a large result is put into the host's store there (not later, on the
+    worker's event loop, which must not block for the copy)."""
+
+    def __init__(self, inner, host):
+        self.inner = inner
+        self.host = host
+
+    def _run(self, fn, args, kwargs):
+        msg = fn(*args, **kwargs)
+        if isinstance(msg, dict) and msg.get("op") == "task-finished":
+            v = self.host.share(msg.get("result"))
+            if v is not None:
+                msg["result"] = v
+        return msg
+
+    def submit(self, fn, /, *args, **kwargs):
+        return self.inner.submit(self._run, fn, args, kwargs)
+
+    def shutdown(self, wait=True, **kw):
+        return self.inner.shutdown(wait, **kw)
+
+    def __getattr__(self, name):
+        if name in ("inner", "host"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
@@ -306,6 +337,9 @@ class StorePlugin(WorkerPlugin):
             data = _SharedData(data, _host)
             worker.memory_manager.data = data
             worker.state.data = data
+        ex = worker.executors.get("default")
+        if ex is not None and not isinstance(ex, _SharingExecutor):
+            worker.executors["default"] = _SharingExecutor(ex, _host)
         self._get_process_memory = worker.monitor.get_process_memory
         worker.monitor.get_process_memory = private_memory
 
@@ -319,6 +353,9 @@ class StorePlugin(WorkerPlugin):
         if isinstance(data, _SharedData):
             data.shared.clear()
         worker.monitor.get_process_memory = self._get_process_memory
+        ex = worker.executors.get("default")
+        if isinstance(ex, _SharingExecutor):
+            worker.executors["default"] = ex.inner
         host.workers -= 1
         if host.workers == 0:
             if _host is host:
