@@ -195,6 +195,14 @@ def test_worker_sigkill_mid_task_and_restart(shmdir):
                                                        if w != w0])
         assert t.result() == checksum(make(16 * MiB, 6))
         assert s.result() == t.result()            # the killed task ran again
+
+        def store_state(dask_worker):
+            from dedupshm import dask as dd
+            st = dd._host.store
+            st.gc()
+            return [e["pid"] for e in st.clients()], st.check().ok
+        for pids, ok in c.run(store_state).values():
+            assert victim not in pids and ok         # the dead worker's slot was reaped
         del a, s, t
     assert files(shmdir) == []
 
