@@ -3,7 +3,8 @@
     python benchmarks/run_all.py            full run (< 10 min)
     python benchmarks/run_all.py --quick    smoke run for CI (~2 min, merger ~50 s)
     options: --json [PATH]  write results (default benchmarks/results.json)
-             --only NAME..  run some (memory merger fingerprint small keys put churn stall get)
+             --only NAME..  run some (memory merger fingerprint small keys put churn stall
+                            get dask joblib)
              --no-ray       skip the Ray peer
              --strict       exit 1 when a target is missed
 
@@ -42,9 +43,23 @@ def _modules():
     import bench_put
     import bench_small
     import bench_stall
-    return {"memory": bench_memory, "merger": bench_merger, "fingerprint": bench_fingerprint,
+    mods = {"memory": bench_memory, "merger": bench_merger, "fingerprint": bench_fingerprint,
             "small": bench_small, "keys": bench_keys, "put": bench_put, "churn": bench_churn,
             "stall": bench_stall, "get": bench_get}
+    mods.update(_engine_modules())
+    return mods
+
+
+# ---- engines (dedupshm.dask, dedupshm.joblib): each skips itself, with a
+# finding, when its engine is not installed
+ENGINES = ["dask", "joblib"]
+ORDER += ENGINES
+
+
+def _engine_modules():
+    import bench_dask
+    import bench_joblib
+    return {"dask": bench_dask, "joblib": bench_joblib}
 
 
 def _versions():
