@@ -111,6 +111,39 @@ static void copy_page_avx2(void *dst, const void *src) {
     }
 }
 
+#if defined(__x86_64__)
+/* stripes_avx2 that also copies what it reads to dst with non-temporal
+ * stores: a fresh page is read from memory once, hashed and copied. */
+__attribute__((target("avx2")))
+static void stripes_copy_avx2(uint64_t acc[8], const uint8_t *p, uint8_t *dst,
+                              uint64_t nstripes, const uint64_t sec[8]) {
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)acc);
+    __m256i a1 = _mm256_loadu_si256((const __m256i *)(acc + 4));
+    __m256i k0 = _mm256_loadu_si256((const __m256i *)sec);
+    __m256i k1 = _mm256_loadu_si256((const __m256i *)(sec + 4));
+    const __m256i step = _mm256_set1_epi64x((long long)STEP);
+    for (uint64_t i = 0; i < nstripes; i++, p += 64, dst += 64) {
+        _mm_prefetch((const char *)p + DS_PAGE_SIZE, _MM_HINT_T0);
+        __m256i d0 = _mm256_loadu_si256((const __m256i *)p);
+        __m256i d1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+        _mm256_stream_si256((__m256i *)dst, d0);
+        _mm256_stream_si256((__m256i *)(dst + 32), d1);
+        __m256i x0 = _mm256_xor_si256(d0, k0);
+        __m256i x1 = _mm256_xor_si256(d1, k1);
+        __m256i m0 = _mm256_mul_epu32(x0, _mm256_srli_epi64(x0, 32));
+        __m256i m1 = _mm256_mul_epu32(x1, _mm256_srli_epi64(x1, 32));
+        __m256i s0 = _mm256_shuffle_epi32(d0, _MM_SHUFFLE(1, 0, 3, 2));
+        __m256i s1 = _mm256_shuffle_epi32(d1, _MM_SHUFFLE(1, 0, 3, 2));
+        a0 = _mm256_add_epi64(a0, _mm256_add_epi64(s0, m0));
+        a1 = _mm256_add_epi64(a1, _mm256_add_epi64(s1, m1));
+        k0 = _mm256_add_epi64(k0, step);
+        k1 = _mm256_add_epi64(k1, step);
+    }
+    _mm256_storeu_si256((__m256i *)acc, a0);
+    _mm256_storeu_si256((__m256i *)(acc + 4), a1);
+}
+#endif
+
 static void copy_page_plain(void *dst, const void *src) { memcpy(dst, src, DS_PAGE_SIZE); }
 
 static void (*g_copy)(void *, const void *) = copy_page_plain;
@@ -124,6 +157,7 @@ void ds_copy_done(void) {
 }
 
 static stripes_fn g_stripes = stripes_scalar;
+static int g_fused;                      /* stripes_copy_avx2 is there */
 static const char *g_impl = "scalar";
 static pthread_once_t g_kernel_once = PTHREAD_ONCE_INIT;
 
@@ -136,6 +170,7 @@ static void pick_kernel_once(void) {
         g_impl = "avx2";
         g_stripes = stripes_avx2;
         g_copy = copy_page_avx2;
+        g_fused = 1;
     }
 #endif
 }
@@ -153,9 +188,36 @@ void ds_hash_init(ds_store *s) {
     for (int j = 0; j < 8; j++) s->secret[j] = splitmix(&x);
 }
 
+static void acc_init(const ds_store *s, uint64_t acc[8]) {
+    for (int j = 0; j < 8; j++) acc[j] = s->secret[(j + 3) & 7] ^ (P1 * (uint64_t)(j + 1));
+}
+
+static uint64_t acc_final(const ds_store *s, const uint64_t acc[8], uint64_t n) {
+    uint64_t h = s->hdr->salt[1] ^ (n * P1);
+    for (int j = 0; j < 8; j++) h = (h ^ fmix64(acc[j] ^ s->secret[j])) * P2;
+    return fmix64(h);
+}
+
+/* ds_hash_bytes(s, src, DS_PAGE_SIZE), and src copied to dst (page
+ * aligned) as ds_copy_page does -- in one read of src where the kernel
+ * allows (call ds_copy_done after a batch). */
+uint64_t ds_hash_copy_page(const ds_store *s, void *dst, const void *src) {
+#if defined(__x86_64__)
+    if (g_fused) {
+        uint64_t acc[8];
+        acc_init(s, acc);
+        stripes_copy_avx2(acc, src, dst, DS_PAGE_SIZE / 64, s->secret);
+        return acc_final(s, acc, DS_PAGE_SIZE);
+    }
+#endif
+    uint64_t fp = ds_hash_bytes(s, src, DS_PAGE_SIZE);
+    g_copy(dst, src);
+    return fp;
+}
+
 uint64_t ds_hash_bytes(const ds_store *s, const void *p, uint64_t n) {
     uint64_t acc[8];
-    for (int j = 0; j < 8; j++) acc[j] = s->secret[(j + 3) & 7] ^ (P1 * (uint64_t)(j + 1));
+    acc_init(s, acc);
     uint64_t full = n / 64;
     g_stripes(acc, (const uint8_t *)p, full, s->secret);
     uint64_t rest = n - full * 64;
@@ -166,9 +228,7 @@ uint64_t ds_hash_bytes(const ds_store *s, const void *p, uint64_t n) {
         for (int j = 0; j < 8; j++) sec[j] = s->secret[j] + full * STEP;
         g_stripes(acc, tail, 1, sec);
     }
-    uint64_t h = s->hdr->salt[1] ^ (n * P1);
-    for (int j = 0; j < 8; j++) h = (h ^ fmix64(acc[j] ^ s->secret[j])) * P2;
-    return fmix64(h);
+    return acc_final(s, acc, n);
 }
 
 int ds_page_is_zero(const void *p) {

@@ -308,6 +308,7 @@ void ds_hash_init(ds_store *s);
 uint64_t ds_hash_bytes(const ds_store *s, const void *p, uint64_t n);
 int  ds_page_is_zero(const void *p);
 void ds_copy_page(void *dst, const void *src);   /* dst page aligned */
+uint64_t ds_hash_copy_page(const ds_store *s, void *dst, const void *src);  /* both, one read */
 void ds_copy_done(void);                         /* fence after ds_copy_page */
 /* heap.c */
 uint32_t ds_chunk_alloc(ds_store *s, uint64_t bytes, uint8_t kind);  /* 0 = full */

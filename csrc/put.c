@@ -15,6 +15,12 @@
  *      one (lock: take references if all are published; no lock: compare
  *      bytes): a whole-piece match is done -- a duplicate of a stored
  *      value costs one read of both copies.  Else:
+ *   1c. if the previous piece was all new pages, this one most likely is
+ *      too: (lock) take fresh pages for all of it (if there is room: else
+ *      the usual way), (no lock) fingerprint each page while copying it
+ *      in -- one read of the source --, (lock) publish, or give back the
+ *      fresh page of a zero page, an in-piece repeat, or a page whose
+ *      bytes are already published (compared under the lock).  Else:
  *   2. (no lock)  note zero pages; fingerprint the others; find pages equal
  *                 to an earlier page of the same piece (within-value dedup).
  *   3. (lock)     for each page, take a reference on a published page with
@@ -323,6 +329,72 @@ static int put_predicted(put_job *j, uint32_t c, uint32_t m, uint32_t pred, int 
     return 0;
 }
 
+/* An earlier page of this piece with the same fingerprint and bytes as
+ * page i (in-piece dedup), through the open-addressed table 'seen'; else
+ * NOSAME, and page i goes into the table.  No lock: the caller's bytes. */
+static uint8_t same_in_piece(put_job *j, uint32_t c, const uint64_t *fps, uint8_t *seen,
+                             uint32_t i) {
+    const uint8_t *p = j->src[c + i].p;
+    uint32_t h = (uint32_t)fps[i] & (2 * PUT_CHUNK - 1);
+    for (; seen[h] != NOSAME; h = (h + 1) & (2 * PUT_CHUNK - 1)) {
+        uint32_t k = seen[h];
+        if (fps[k] == fps[i] && memcmp(j->src[c + k].p, p, DS_PAGE_SIZE) == 0) return (uint8_t)k;
+    }
+    seen[h] = (uint8_t)i;
+    return NOSAME;
+}
+
+/* A piece of a value that has been all new so far (the last piece found
+ * nothing to share): most likely this one is new too, so take fresh
+ * pages first and fingerprint while copying -- one read of the source
+ * instead of two -- then publish, or, for a page that turns out to be
+ * zero, a repeat within the piece, or already stored (compared byte for
+ * byte under the lock), give the fresh page back.  1 if done (*rc 0),
+ * 0 if not tried: no room for optimism (the usual path counts only new
+ * pages against capacity).  *shared: pages that were not new. */
+static int put_optimistic(put_job *j, uint32_t c, uint32_t m, uint32_t *shared, int *rc) {
+    ds_store *s = j->s;
+    uint64_t fps[PUT_CHUNK];
+    uint32_t fresh[PUT_CHUNK], all[PUT_CHUNK];
+    uint8_t zero[PUT_CHUNK], same[PUT_CHUNK], seen[2 * PUT_CHUNK];
+    for (uint32_t i = 0; i < m; i++) all[i] = i;
+    if ((*rc = ds_lock(s))) return 0;
+    ds_pending *pd = job_pending(j, rc);
+    if (pd && alloc_fresh(j, pd, c, all, m, fresh) != 0) pd = NULL;   /* full: the usual way */
+    ds_unlock(s);
+    if (!pd) return 0;
+    if ((*rc = ds_pool_reserve(s, fresh, m))) return 1;
+    memset(seen, NOSAME, sizeof seen);
+    uint32_t nsame = 0;
+    for (uint32_t i = 0; i < m; i++) {
+        const uint8_t *p = j->src[c + i].p;
+        same[i] = NOSAME;
+        if ((zero[i] = (uint8_t)ds_page_is_zero(p))) continue;
+        fps[i] = ds_hash_copy_page(s, DS_POOL_RW(s, fresh[i]), p);
+        if ((same[i] = same_in_piece(j, c, fps, seen, i)) != NOSAME) nsame++;
+    }
+    ds_copy_done();
+    if ((*rc = ds_lock(s))) return 1;
+    if (!(pd = job_pending(j, rc))) { ds_unlock(s); return 1; }
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < m; i++) {
+        uint32_t other = DS_NIL;
+        if (zero[i] || same[i] != NOSAME ||
+            (other = ds_page_find(s, fps[i], j->src[c + i].p)) != DS_NIL) {
+            ds_page_decref(s, fresh[i]);     /* stays warm: its bytes are never read */
+            if (other != DS_NIL) ds_page_incref(s, other);
+            pd->pages[c + i] = j->pages[c + i] = other != DS_NIL ? other : DS_ZERO;
+            n++;
+        } else {
+            ds_page_publish(s, fresh[i], fps[i]);
+        }
+    }
+    if (nsame) resolve_same(j, pd, c, m, same);
+    ds_unlock(s);
+    *shared = n;
+    return 1;
+}
+
 static void *put_range(void *arg) {
     put_job *j = arg;
     ds_store *s = j->s;
@@ -330,12 +402,22 @@ static void *put_range(void *arg) {
     uint32_t fresh[PUT_CHUNK], missidx[PUT_CHUNK], candidx[PUT_CHUNK], falseidx[PUT_CHUNK];
     uint8_t zero[PUT_CHUNK], same[PUT_CHUNK];
     uint32_t pred = DS_NIL;                      /* pool page predicted for page c */
+    int all_new = 0;                             /* the last piece was all new pages */
     for (uint32_t c = j->lo; c < j->hi; c += PUT_CHUNK) {
         uint32_t e = c + PUT_CHUNK < j->hi ? c + PUT_CHUNK : j->hi, m = e - c;
         uint32_t nsame = 0;
         if (j->dedup) {
             int rc = 0;
-            if (put_predicted(j, c, m, pred, &rc)) { pred += m; continue; }
+            if (put_predicted(j, c, m, pred, &rc)) { pred += m; all_new = 0; continue; }
+            if (rc) { j->rc = rc; return NULL; }
+            uint32_t shared = 0;
+            if (all_new && put_optimistic(j, c, m, &shared, &rc)) {
+                if (rc) { j->rc = rc; return NULL; }
+                all_new = shared == 0;
+                uint32_t last = j->pages[e - 1];
+                pred = last != DS_ZERO ? last + 1 : DS_NIL;
+                continue;
+            }
             if (rc) { j->rc = rc; return NULL; }
             /* next piece: predict from where this one ends (set below) */
             pred = DS_NIL;
@@ -349,17 +431,7 @@ static void *put_range(void *arg) {
             if (zero[i]) continue;
             fps[i] = ds_hash_bytes(s, p, DS_PAGE_SIZE);
             if (!j->dedup) continue;
-            /* an earlier page of this piece with the same bytes? */
-            uint32_t h = (uint32_t)fps[i] & (2 * PUT_CHUNK - 1);
-            for (; seen[h] != NOSAME; h = (h + 1) & (2 * PUT_CHUNK - 1)) {
-                uint32_t k = seen[h];
-                if (fps[k] == fps[i] && memcmp(j->src[c + k].p, p, DS_PAGE_SIZE) == 0) {
-                    same[i] = (uint8_t)k;
-                    nsame++;
-                    break;
-                }
-            }
-            if (same[i] == NOSAME) seen[h] = (uint8_t)i;
+            if ((same[i] = same_in_piece(j, c, fps, seen, i)) != NOSAME) nsame++;
         }
         /* lock: take a reference on each fingerprint match; fresh pages for the rest */
         int rc = ds_lock(s);
@@ -413,6 +485,7 @@ static void *put_range(void *arg) {
             nmiss = nall;
         }
         pred = j->pages[e - 1] != DS_ZERO ? j->pages[e - 1] + 1 : DS_NIL;
+        all_new = nmiss == m;
         if (nmiss == 0) continue;                /* in-piece duplicates resolved above */
         rc = ds_pool_reserve(s, fresh, nmiss);
         if (rc) { j->rc = rc; return NULL; }
