@@ -22,8 +22,12 @@
 #include <string.h>
 #include "layout.h"
 
-#if defined(__x86_64__)
+/* DEDUPSHM_NO_AVX2 (CFLAGS) builds the scalar kernel only (CI does, once) */
+#if defined(__x86_64__) && !defined(DEDUPSHM_NO_AVX2)
+#define DS_HAVE_AVX2 1
 #include <immintrin.h>
+#else
+#define DS_HAVE_AVX2 0
 #endif
 
 #define P1 0x9E3779B185EBCA87ULL
@@ -62,7 +66,7 @@ static void stripes_scalar(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
     }
 }
 
-#if defined(__x86_64__)
+#if DS_HAVE_AVX2
 __attribute__((target("avx2")))
 static void stripes_avx2(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
                          const uint64_t sec[8]) {
@@ -92,7 +96,6 @@ static void stripes_avx2(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
     _mm256_storeu_si256((__m256i *)acc, a0);
     _mm256_storeu_si256((__m256i *)(acc + 4), a1);
 }
-#endif
 
 /* Copy one page to a page-aligned destination with non-temporal stores:
  * the destination is not read first and does not evict the source from
@@ -110,6 +113,7 @@ static void copy_page_avx2(void *dst, const void *src) {
         _mm256_stream_si256(d + i + 3, e);
     }
 }
+#endif
 
 static void copy_page_plain(void *dst, const void *src) { memcpy(dst, src, DS_PAGE_SIZE); }
 
@@ -118,7 +122,7 @@ static void (*g_copy)(void *, const void *) = copy_page_plain;
 void ds_copy_page(void *dst, const void *src) { g_copy(dst, src); }
 
 void ds_copy_done(void) {
-#if defined(__x86_64__)
+#if DS_HAVE_AVX2
     _mm_sfence();
 #endif
 }
@@ -130,7 +134,7 @@ static pthread_once_t g_kernel_once = PTHREAD_ONCE_INIT;
 static void pick_kernel_once(void) {
     const char *want = getenv("DEDUPSHM_FINGERPRINT");
     if (want && strcmp(want, "scalar") == 0) return;   /* "avx2" or unset: best available */
-#if defined(__x86_64__)
+#if DS_HAVE_AVX2
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2")) {
         g_impl = "avx2";
