@@ -25,6 +25,7 @@
 /* DEDUPSHM_NO_AVX2 (CFLAGS) builds the scalar kernel only (CI does, once) */
 #if defined(__x86_64__) && !defined(DEDUPSHM_NO_AVX2)
 #define DS_HAVE_AVX2 1
+#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define DS_HAVE_AVX2 0
@@ -127,6 +128,21 @@ void ds_copy_done(void) {
 #endif
 }
 
+#if DS_HAVE_AVX2
+/* The CPU has AVX2 and the OS saves the YMM registers (asked of cpuid and
+ * xgetbv directly: __builtin_cpu_supports needs the compiler's runtime
+ * support library, which not every toolchain that builds wheels links). */
+static int cpu_has_avx2(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE) || !(c & bit_AVX)) return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 6) != 6) return 0;                     /* XMM and YMM state enabled */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b & bit_AVX2) != 0;
+}
+#endif
+
 static stripes_fn g_stripes = stripes_scalar;
 static const char *g_impl = "scalar";
 static pthread_once_t g_kernel_once = PTHREAD_ONCE_INIT;
@@ -135,8 +151,7 @@ static void pick_kernel_once(void) {
     const char *want = getenv("DEDUPSHM_FINGERPRINT");
     if (want && strcmp(want, "scalar") == 0) return;   /* "avx2" or unset: best available */
 #if DS_HAVE_AVX2
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) {
+    if (cpu_has_avx2()) {
         g_impl = "avx2";
         g_stripes = stripes_avx2;
         g_copy = copy_page_avx2;
