@@ -22,8 +22,13 @@
 #include <string.h>
 #include "layout.h"
 
-#if defined(__x86_64__)
+/* DEDUPSHM_NO_AVX2 (CFLAGS) builds the scalar kernel only (CI does, once) */
+#if defined(__x86_64__) && !defined(DEDUPSHM_NO_AVX2)
+#define DS_HAVE_AVX2 1
+#include <cpuid.h>
 #include <immintrin.h>
+#else
+#define DS_HAVE_AVX2 0
 #endif
 
 #define P1 0x9E3779B185EBCA87ULL
@@ -62,7 +67,7 @@ static void stripes_scalar(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
     }
 }
 
-#if defined(__x86_64__)
+#if DS_HAVE_AVX2
 __attribute__((target("avx2")))
 static void stripes_avx2(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
                          const uint64_t sec[8]) {
@@ -92,7 +97,6 @@ static void stripes_avx2(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
     _mm256_storeu_si256((__m256i *)acc, a0);
     _mm256_storeu_si256((__m256i *)(acc + 4), a1);
 }
-#endif
 
 /* Copy one page to a page-aligned destination with non-temporal stores:
  * the destination is not read first and does not evict the source from
@@ -110,6 +114,7 @@ static void copy_page_avx2(void *dst, const void *src) {
         _mm256_stream_si256(d + i + 3, e);
     }
 }
+#endif
 
 #if defined(__x86_64__)
 /* stripes_avx2 that also copies what it reads to dst with non-temporal
@@ -151,10 +156,25 @@ static void (*g_copy)(void *, const void *) = copy_page_plain;
 void ds_copy_page(void *dst, const void *src) { g_copy(dst, src); }
 
 void ds_copy_done(void) {
-#if defined(__x86_64__)
+#if DS_HAVE_AVX2
     _mm_sfence();
 #endif
 }
+
+#if DS_HAVE_AVX2
+/* The CPU has AVX2 and the OS saves the YMM registers (asked of cpuid and
+ * xgetbv directly: __builtin_cpu_supports needs the compiler's runtime
+ * support library, which not every toolchain that builds wheels links). */
+static int cpu_has_avx2(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE) || !(c & bit_AVX)) return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 6) != 6) return 0;                     /* XMM and YMM state enabled */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b & bit_AVX2) != 0;
+}
+#endif
 
 static stripes_fn g_stripes = stripes_scalar;
 static int g_fused;                      /* stripes_copy_avx2 is there */
@@ -164,9 +184,8 @@ static pthread_once_t g_kernel_once = PTHREAD_ONCE_INIT;
 static void pick_kernel_once(void) {
     const char *want = getenv("DEDUPSHM_FINGERPRINT");
     if (want && strcmp(want, "scalar") == 0) return;   /* "avx2" or unset: best available */
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) {
+#if DS_HAVE_AVX2
+    if (cpu_has_avx2()) {
         g_impl = "avx2";
         g_stripes = stripes_avx2;
         g_copy = copy_page_avx2;

@@ -26,6 +26,7 @@
 #include <pthread.h>
 #include <string.h>
 #include "layout.h"
+#include "sysdeps.h"
 
 #define LH_INIT_LEVEL 6
 #define LH_LOAD 2

@@ -76,16 +76,13 @@
 #include <time.h>
 #include <unistd.h>
 #include "layout.h"
+#include "sysdeps.h"
 #include "wp.h"
 
 #define BATCH DS_WP_BATCH
 #define MAX_AGE 5
 #define PM_PRESENT (1ull << 63)
 #define PM_FILE (1ull << 61)
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
 typedef struct region {
     uint8_t *addr;
     uint32_t npages;

@@ -31,10 +31,7 @@
 #include <sys/mman.h>
 #include <time.h>
 #include "layout.h"
-
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
+#include "sysdeps.h"
 
 #define PMETA_BACK_STEP (64u << 10)
 

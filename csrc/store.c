@@ -37,11 +37,11 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/mman.h>
-#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include "layout.h"
+#include "sysdeps.h"
 
 #define PAGE_ROUND(x) (((x) + 4095ull) & ~4095ull)
 #define HEAP_MAX (0xFFFFFFF0ull * DS_UNIT)
@@ -222,9 +222,9 @@ static int init_store(ds_store *s, uint64_t capacity, uint64_t warm_bytes,
     h->capacity = cap_pages * DS_PAGE_SIZE < capacity ? cap_pages * DS_PAGE_SIZE : capacity;
     h->cap_pages = (uint32_t)cap_pages;
     h->max_clients = DS_MAX_CLIENTS;
-    if (getrandom(h->salt, sizeof h->salt, 0) != sizeof h->salt ||
-        getrandom(h->uuid, sizeof h->uuid, 0) != sizeof h->uuid)
-        return errno ? errno : EIO;
+    int rrc = ds_getrandom(h->salt, sizeof h->salt);
+    if (rrc == 0) rrc = ds_getrandom(h->uuid, sizeof h->uuid);
+    if (rrc != 0) return rrc;
     h->index_size = off;
     h->clients_off = clients_off;
     h->pmeta_off = pmeta_off;

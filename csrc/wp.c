@@ -62,13 +62,13 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include "layout.h"
+#include "sysdeps.h"
 #include "wp.h"
 
 #define MAX_REGIONS 4096

@@ -17,32 +17,42 @@ thread attaches never leaves the child with a lock nobody will release, and
 the child sees the registries in a consistent state.  Nothing here may call
 ``fork()`` while holding the lock (nothing does).
 """
+from __future__ import annotations
+
 import os
 import threading
 import weakref
+from typing import TYPE_CHECKING, Any, Optional
 
 from ._native import PAGE_SIZE, Core
+
+if TYPE_CHECKING:
+    from .store import ObjectRef, Store
 
 #: The C core addresses pages with 32 bits: the largest capacity it accepts.
 MAX_CAPACITY_PAGES = 0xFFFFFFF0
 MAX_CAPACITY = MAX_CAPACITY_PAGES * PAGE_SIZE
 
 _lock = threading.RLock()
-_cores = {}                                   # index path -> weakref to Core
-_stores = weakref.WeakValueDictionary()       # (name, directory) -> Store
-_kept = {}                                    # stores a pool worker keeps attached
-_sequences = weakref.WeakValueDictionary()    # nonce -> ObjectRef of a SharedSequence
+# index path -> weakref to Core
+_cores: dict[str, weakref.ref[Core]] = {}
+# (name, directory) -> Store
+_stores: weakref.WeakValueDictionary[tuple[str, Optional[str]], Store] = weakref.WeakValueDictionary()
+# stores a pool worker keeps attached
+_kept: dict[tuple[str, Optional[str]], Store] = {}
+# nonce -> ObjectRef of a SharedSequence
+_sequences: weakref.WeakValueDictionary[Any, ObjectRef] = weakref.WeakValueDictionary()
 
 
-def _before_fork():
+def _before_fork() -> None:
     _lock.acquire()
 
 
-def _after_fork_in_parent():
+def _after_fork_in_parent() -> None:
     _lock.release()
 
 
-def _after_fork_in_child():
+def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.RLock()
 
@@ -51,21 +61,21 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
 
 
-def lock():
+def lock() -> threading.RLock:
     """The registry lock (for tests and for code that must see one state)."""
     return _lock
 
 
 # ---------------------------------------------------------------- attachments
 
-def _human(n):
+def _human(n: float) -> str:
     for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift:
             return f"{n / (1 << shift):.4g} {unit}"
     return f"{n} B"
 
 
-def check_capacity(capacity, directory):
+def check_capacity(capacity: int, directory: str) -> None:
     """ValueError naming the limit if ``capacity`` (bytes) is more than a
     store can hold."""
     if capacity > MAX_CAPACITY:
@@ -79,7 +89,8 @@ def check_capacity(capacity, directory):
                          f"({MAX_CAPACITY_PAGES:#x} pages of {PAGE_SIZE} bytes){room}")
 
 
-def core(index, pool, create, capacity, warm_bytes, transit_ttl):
+def core(index: str, pool: str, create: bool, capacity: int, warm_bytes: int,
+         transit_ttl: int) -> Core:
     """This process's Core for the store whose files are (index, pool):
     the attachment it has, or a new one."""
     if create:
@@ -103,12 +114,12 @@ def core(index, pool, create, capacity, warm_bytes, transit_ttl):
 
 # ---------------------------------------------------------------- Store objects by name
 
-def store_id(store):
+def store_id(store: Store) -> tuple[str, str]:
     """(name, directory): how a store travels to other processes."""
     return (store.name, store.directory)
 
 
-def _is_current(s):
+def _is_current(s: Store) -> bool:
     """Whether Store s is attached to the store its name has now (not to
     one that was unlinked and created anew under the same name)."""
     from .store import store_paths
@@ -122,7 +133,7 @@ def _is_current(s):
         return False
 
 
-def attached_store(name, directory, keep=False):
+def attached_store(name: str, directory: Optional[str], keep: bool = False) -> Store:
     """This process's Store object for (name, directory).  Attaching once
     per use would be wasteful; keeping every store attached forever would
     pin the memory of unlinked stores, so only ``keep=True`` (pool
@@ -139,7 +150,7 @@ def attached_store(name, directory, keep=False):
         return s
 
 
-def check_store(store):
+def check_store(store: Any) -> Store:
     """``store`` if it is an open Store (TypeError, StoreClosedError
     otherwise); it becomes this process's Store object for its name if
     there is none."""
@@ -157,13 +168,13 @@ def check_store(store):
 
 # ---------------------------------------------------------------- stored sequences
 
-def known_sequence(nonce):
+def known_sequence(nonce: Any) -> Optional[ObjectRef]:
     """The ObjectRef this process knows for the sequence ``nonce``, or None."""
     with _lock:
         return _sequences.get(nonce)
 
 
-def remember_sequence(nonce, ref):
+def remember_sequence(nonce: Any, ref: ObjectRef) -> None:
     with _lock:
         if _sequences.get(nonce) is None:
             _sequences[nonce] = ref

@@ -15,10 +15,16 @@ attached, and it exits when none is left.  It is absent in a forked child
 starts it again there.  At interpreter exit it is stopped before the
 cores are closed.
 """
+from __future__ import annotations
+
 import atexit
 import os
 import threading
 import weakref
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from ._native import Core
 
 
 #: Seconds a freed page stays warm before it is returned, by default.
@@ -28,7 +34,7 @@ ENV_DECAY_MS = "DEDUPSHM_DECAY_MS"
 _MAX_MS = (1 << 31) - 1
 
 
-def default_decay_ms():
+def default_decay_ms() -> int:
     v = os.environ.get(ENV_DECAY_MS)
     if v:
         try:
@@ -38,7 +44,7 @@ def default_decay_ms():
     return int(DEFAULT_DECAY_S * 1000)
 
 
-def decay_ms_of(decay_s):
+def decay_ms_of(decay_s: Optional[float]) -> int:
     """The decay time in ms for Store(decay_s=...); None: the default."""
     if decay_s is None:
         return default_decay_ms()
@@ -50,11 +56,11 @@ def decay_ms_of(decay_s):
 
 
 class _State:
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        self.cores = {}          # id(core) -> [weakref, decay_ms] (the cursor lives in the core)
-        self.thread = None
+        self.cores: dict[int, list[Any]] = {}          # id(core) -> [weakref, decay_ms] (the cursor lives in the core)
+        self.thread: Optional[threading.Thread] = None
         self.stop = False
         self.atexit = False
 
@@ -62,17 +68,17 @@ class _State:
 _st = _State()
 
 
-def _after_fork_child():
+def _after_fork_child() -> None:
     # the thread does not exist here; locks may have been held by it
     old = _st.cores
-    _st.__init__()
+    _st.__init__()  # type: ignore[misc]
     _st.cores = old
 
 
 os.register_at_fork(after_in_child=_after_fork_child)
 
 
-def register(core, decay_ms):
+def register(core: Core, decay_ms: int) -> None:
     """Decay this core's store (at decay_ms) from this process's thread."""
     with _st.lock:
         ent = _st.cores.get(id(core))
@@ -86,14 +92,14 @@ def register(core, decay_ms):
     _st.wake.set()
 
 
-def kick():
+def kick() -> None:
     """Make sure the thread runs (after a fork it is gone)."""
     if _st.thread is None and _st.cores and not _st.stop:
         with _st.lock:
             _start_locked()
 
 
-def _start_locked():
+def _start_locked() -> None:
     if _st.thread is not None or _st.stop or not _st.cores:
         return
     if not _st.atexit:
@@ -106,7 +112,7 @@ def _start_locked():
     t.start()
 
 
-def _shutdown():
+def _shutdown() -> None:
     st = _st
     st.stop = True
     st.wake.set()
@@ -115,7 +121,7 @@ def _shutdown():
         t.join(5.0)
 
 
-def _run(st):
+def _run(st: _State) -> None:
     while True:
         with st.lock:
             for key in [k for k, e in st.cores.items() if e[0]() is None]:

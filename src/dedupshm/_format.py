@@ -1,7 +1,7 @@
 """Formatting shared by the command-line tools (cli, live)."""
 
 
-def human_bytes(n):
+def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -1,15 +1,19 @@
 """The ``dedupshm`` command: demo, stats, ls, rm, gc; top, record, plot,
 serve-metrics; put, get."""
+from __future__ import annotations
+
 import argparse
 import contextlib
 import json
 import os
 import sys
 import tempfile
+from types import FrameType
+from typing import IO, Any, Iterable, Optional, Sequence
 
 from ._format import human_bytes  # noqa: F401 - public here too
 from .errors import CorruptStoreError, DedupShmError, IncompatibleStoreError
-from .store import DEFAULT_DIRECTORY, Store, store_paths
+from .store import DEFAULT_DIRECTORY, Key, Store, store_paths
 
 _STAT_ORDER = [
     ("objects", "objects", False), ("keys", "keys", False),
@@ -24,7 +28,7 @@ _STAT_ORDER = [
 ]
 
 
-def _fmt(value, is_bytes):
+def _fmt(value: Any, is_bytes: bool) -> str:
     if is_bytes:
         return human_bytes(value)
     if isinstance(value, float):
@@ -32,17 +36,17 @@ def _fmt(value, is_bytes):
     return f"{value:,}"
 
 
-def _table(rows, out):
+def _table(rows: Sequence[tuple[str, str]], out: IO[str]) -> None:
     width = max(len(r[0]) for r in rows)
     for label, value in rows:
         out.write(f"{label:<{width}}  {value:>14}\n")
 
 
-def _json_safe(d):
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in d.items()}
 
 
-def cmd_stats(args, out):
+def cmd_stats(args: argparse.Namespace, out: IO[str]) -> int:
     with Store(args.name, directory=args.directory) as st:
         s = st.stats()
     if args.json:
@@ -53,16 +57,16 @@ def cmd_stats(args, out):
     return 0
 
 
-def _ls_key(k):
+def _ls_key(k: Key) -> str:
     return k if isinstance(k, str) else k.hex()
 
 
-def cmd_ls(args, out):
+def cmd_ls(args: argparse.Namespace, out: IO[str]) -> int:
     """Streams: keys come in the store's walk order, a batch at a time,
     in constant memory however many there are (--sort collects them all
     to order by size)."""
     with Store(args.name, directory=args.directory) as st:
-        items = st.scan()
+        items: Iterable[tuple[Key, int]] = st.scan()
         if getattr(args, "sort", False):
             items = sorted(items, key=lambda kv: (-kv[1], repr(kv[0])))
         if args.json:
@@ -83,7 +87,7 @@ def cmd_ls(args, out):
     return 0
 
 
-def cmd_rm(args, out):
+def cmd_rm(args: argparse.Namespace, out: IO[str]) -> int:
     found = False
     for p in store_paths(args.name, args.directory):
         try:
@@ -98,7 +102,7 @@ def cmd_rm(args, out):
     return 0
 
 
-def cmd_gc(args, out):
+def cmd_gc(args: argparse.Namespace, out: IO[str]) -> int:
     with Store(args.name, directory=args.directory) as st:
         r = st.gc()
     if args.json:
@@ -108,7 +112,7 @@ def cmd_gc(args, out):
     return 0
 
 
-def cmd_check(args, out):
+def cmd_check(args: argparse.Namespace, out: IO[str]) -> int:
     with Store(args.name, directory=args.directory) as st:
         st.gc()
         rep = st.check()
@@ -123,7 +127,7 @@ def cmd_check(args, out):
     return 0 if rep.ok else 3
 
 
-def cmd_demo(args, out):
+def cmd_demo(args: argparse.Namespace, out: IO[str]) -> int:
     from .demo import run_demo
     if args.record:
         from .record import record_format
@@ -137,18 +141,18 @@ def cmd_demo(args, out):
 
 # ---------------------------------------------------------------- watching a store
 
-def cmd_top(args, out):
+def cmd_top(args: argparse.Namespace, out: IO[str]) -> int:
     from .live import run_top
     with Store(args.name, directory=args.directory) as st:
         return run_top(st, args.name, args.directory, interval=args.interval, once=args.once,
                        out=out)
 
 
-def _terminate(signum, frame):
+def _terminate(signum: int, frame: Optional[FrameType]) -> None:
     raise KeyboardInterrupt
 
 
-def cmd_record(args, out):
+def cmd_record(args: argparse.Namespace, out: IO[str]) -> int:
     import signal
 
     from .record import record, record_format
@@ -159,7 +163,7 @@ def cmd_record(args, out):
         old = signal.signal(signal.SIGTERM, _terminate)
         taken = 0
 
-        def counted(row):
+        def counted(row: dict[str, Any]) -> None:
             nonlocal taken
             taken += 1
         try:
@@ -176,7 +180,7 @@ def cmd_record(args, out):
     return 0
 
 
-def cmd_plot(args, out):
+def cmd_plot(args: argparse.Namespace, out: IO[str]) -> int:
     from .record import plot_record, read_record
     try:
         rows = read_record(args.file)
@@ -195,7 +199,7 @@ def cmd_plot(args, out):
     return 0
 
 
-def cmd_serve_metrics(args, out):
+def cmd_serve_metrics(args: argparse.Namespace, out: IO[str]) -> int:
     from .metrics import serve
     if not 0 <= args.port <= 65535:
         raise ValueError("--port must be in 0..65535")
@@ -223,16 +227,16 @@ _CHUNK = 8 << 20
 _SMALL_FILE = 1 << 20
 
 
-def _progress(total, verb):
+def _progress(total: int, verb: str) -> Any:
     """A rich progress bar on stderr for a transfer of ``total`` bytes, or a
     stand-in that shows nothing (stderr not a terminal, or a small transfer)."""
     import contextlib
     if total < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
         class _Silent:
-            def add_task(self, *a, **k):
+            def add_task(self, *a: Any, **k: Any) -> int:
                 return 0
 
-            def update(self, *a, **k):
+            def update(self, *a: Any, **k: Any) -> None:
                 pass
         return contextlib.nullcontext(_Silent())
     from rich.console import Console
@@ -243,7 +247,7 @@ def _progress(total, verb):
                     console=Console(stderr=True), transient=False)
 
 
-def cmd_put(args, out):
+def cmd_put(args: argparse.Namespace, out: IO[str]) -> int:
     try:
         return _put(args, out)
     except DedupShmError as e:                       # e.g. the store is full
@@ -251,7 +255,7 @@ def cmd_put(args, out):
         return 1
 
 
-def _put(args, out):
+def _put(args: argparse.Namespace, out: IO[str]) -> int:
     key = args.key
     try:
         f = sys.stdin.buffer if args.file == "-" else open(args.file, "rb", buffering=0)
@@ -273,7 +277,7 @@ def _put(args, out):
                 with st.create(key, size) as buf:
                     done = 0
                     while done < size:
-                        n = f.readinto(buf[done:min(size, done + _CHUNK)])
+                        n = f.readinto(buf[done:min(size, done + _CHUNK)])  # type: ignore[union-attr]
                         if not n:
                             raise ValueError(f"{args.file} shrank while it was read "
                                              f"({done:,} of {size:,} bytes)")
@@ -286,7 +290,7 @@ def _put(args, out):
     return 0
 
 
-def cmd_get(args, out):
+def cmd_get(args: argparse.Namespace, out: IO[str]) -> int:
     import numpy as np
     with Store(args.name, directory=args.directory) as st:
         try:
@@ -343,7 +347,7 @@ def cmd_get(args, out):
     return 0
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dedupshm", description="deduplicating shared-memory object store")
     p.add_argument("--directory", default=None, help=f"where stores live (default {DEFAULT_DIRECTORY})")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -406,11 +410,12 @@ def build_parser():
     return p
 
 
-def main(argv=None, out=None):
+def main(argv: Optional[Sequence[str]] = None, out: Optional[IO[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
     try:
-        return args.fn(args, out)
+        rc: int = args.fn(args, out)
+        return rc
     except FileNotFoundError as e:
         name = getattr(args, "name", None)
         if name and e.filename and os.path.basename(str(e.filename)).startswith(f"dedupshm.{name}."):

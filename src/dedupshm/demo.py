@@ -6,16 +6,19 @@ buffer, and some small records.  The demo prints what the store holds,
 what dedup saved according to its own counters, and what the kernel says
 (/proc/meminfo Shmem) compared with storing every value separately.
 """
+from __future__ import annotations
+
 import multiprocessing as mp
 import os
 import time
+from typing import IO, Any, Optional
 
 import numpy as np
 
 from .store import Store
 
 
-def shmem_bytes():
+def shmem_bytes() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("Shmem:"):
@@ -23,7 +26,7 @@ def shmem_bytes():
     return 0
 
 
-def _worker(name, wid, mib, q):
+def _worker(name: str, wid: int, mib: int, q: Any) -> None:
     store = Store(name)
     n = (mib << 20) // 8
     model = np.random.default_rng(1234).standard_normal(n)        # same in every worker
@@ -43,7 +46,8 @@ def _worker(name, wid, mib, q):
     store.close()
 
 
-def run_demo(workers=4, mib=64, out=None, keep=False, record=None):
+def run_demo(workers: int = 4, mib: int = 64, out: Optional[IO[str]] = None, keep: bool = False,
+             record: Optional[str] = None) -> int:
     import sys
     out = out or sys.stdout
     name = f"demo-{os.getpid()}"

@@ -9,6 +9,8 @@ measured over a short second look).
 The viewer is an attached process like any other: it appears in its own
 process list, marked "this view".
 """
+from __future__ import annotations
+
 import heapq
 import os
 import select
@@ -16,23 +18,30 @@ import signal
 import sys
 import time
 from datetime import datetime
+from types import FrameType
+from typing import IO, TYPE_CHECKING, Any, Optional, Union
 
 from ._format import human_bytes
 from .store import DEFAULT_DIRECTORY, store_paths
+
+if TYPE_CHECKING:
+    from .store import Key, Store
+
+_Handler = Union[Any, int, None]   # what signal.signal returns
 
 MiB = 1 << 20
 PAGE = 4096
 
 
-def _count(n):
+def _count(n: int) -> str:
     return f"{n:,}"
 
 
-def _ratio(r):
+def _ratio(r: float) -> str:
     return "∞" if r == float("inf") else f"{r:.2f}x"
 
 
-def _age(seconds):
+def _age(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds < 60:
         return f"{seconds}s"
@@ -43,7 +52,7 @@ def _age(seconds):
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def _proc_name(pid):
+def _proc_name(pid: int) -> Optional[str]:
     """A process's command line (argv[0] shortened to its base name), or
     its comm when the command line is empty; None if the process is gone."""
     try:
@@ -57,7 +66,7 @@ def _proc_name(pid):
         return None
 
 
-def _proc_rss_shmem(pid):
+def _proc_rss_shmem(pid: int) -> Optional[int]:
     """Resident shared-memory bytes of a process (/proc/PID/status RssShmem)."""
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -77,7 +86,14 @@ class Snapshot:
     #: list them at most this share of the time (the figures above stay live)
     KEYS_DUTY = 0.02
 
-    def __init__(self, store, prev=None, top_n=10):
+    nkeys: int
+    key_bytes: int
+    largest: list[tuple[Key, int]]
+    keys_at: float
+    keys_cost: float
+    top_n: int
+
+    def __init__(self, store: Store, prev: Optional[Snapshot] = None, top_n: int = 10) -> None:
         self.mono = time.monotonic()
         self.wall = time.time()
         self.stats = store.stats()
@@ -96,7 +112,8 @@ class Snapshot:
         self.top_n = top_n
         # unlinked (dedupshm rm) while we watch: the attachment still works
         self.removed = not os.path.exists(store_paths(store.name, store.directory)[0])
-        self.scan_rate = self.cpu = None
+        self.scan_rate: Optional[float] = None
+        self.cpu: Optional[float] = None
         if prev is not None:
             dt = self.mono - prev.mono
             if dt > 0:
@@ -107,7 +124,7 @@ class Snapshot:
                 if dc >= 0:
                     self.cpu = dc / dt          # fraction of one core
 
-    def scan_rate_text(self):
+    def scan_rate_text(self) -> str:
         r = self.scan_rate
         if r is None:
             return "—"
@@ -115,13 +132,13 @@ class Snapshot:
             return f"{r:,.0f}/s"
         return f"{r / 1e3:,.0f}k/s" if r < 10_000_000 else f"{r / 1e6:,.1f}M/s"
 
-    def cpu_text(self):
+    def cpu_text(self) -> str:
         return "—" if self.cpu is None else f"{100 * self.cpu:.1f}%"
 
 
 # ---------------------------------------------------------------- plain lines
 
-def plain_line(snap):
+def plain_line(snap: Snapshot) -> str:
     s = snap.stats
     rate = "-" if snap.scan_rate is None else f"{snap.scan_rate:.0f}"
     cpu = "-" if snap.cpu is None else f"{100 * snap.cpu:.1f}%"
@@ -137,7 +154,7 @@ def plain_line(snap):
 
 # ---------------------------------------------------------------- rich frame
 
-def _kv_table(rows):
+def _kv_table(rows: list[tuple[str, Any]]) -> Any:
     from rich.table import Table
     t = Table.grid(padding=(0, 1), expand=True)
     t.add_column(style="bold", no_wrap=True)
@@ -147,8 +164,9 @@ def _kv_table(rows):
     return t
 
 
-def render_frame(snap, name, directory, interval, height=None, width=80, self_pid=None,
-                 once=False):
+def render_frame(snap: Snapshot, name: str, directory: Optional[str], interval: float,
+                 height: Optional[int] = None, width: int = 80, self_pid: Optional[int] = None,
+                 once: bool = False) -> Any:
     """The whole frame as one rich renderable."""
     from rich.console import Group
     from rich.panel import Panel
@@ -259,14 +277,14 @@ class _Keys:
     """Single keystrokes from a terminal stdin (cbreak mode, restored on exit);
     also wakes up on SIGWINCH so a resize redraws at once."""
 
-    def __init__(self):
-        self.fd = None
-        self.old = None
+    def __init__(self) -> None:
+        self.fd: Optional[int] = None
+        self.old: Optional[list[Any]] = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._old_winch = None
+        self._old_winch: _Handler = None
 
-    def __enter__(self):
+    def __enter__(self) -> _Keys:
         try:
             fd = sys.stdin.fileno()
             if os.isatty(fd):
@@ -283,14 +301,14 @@ class _Keys:
             self._old_winch = None
         return self
 
-    def _winch(self, signum, frame):
+    def _winch(self, signum: int, frame: Optional[FrameType]) -> None:
         try:
             os.write(self._wake_w, b"w")
         except OSError:
             pass
 
-    def __exit__(self, *exc):
-        if self.old is not None:
+    def __exit__(self, *exc: object) -> None:
+        if self.old is not None and self.fd is not None:
             import termios
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.old)
         if self._old_winch is not None:
@@ -298,7 +316,7 @@ class _Keys:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def wait(self, timeout):
+    def wait(self, timeout: float) -> Optional[str]:
         """Wait up to timeout; return 'quit', 'redraw' or None (time is up)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -321,11 +339,11 @@ class _Keys:
                     return "redraw"
 
 
-def _terminate(signum, frame):
+def _terminate(signum: int, frame: Optional[FrameType]) -> None:
     raise KeyboardInterrupt
 
 
-def _interactive_sigint():
+def _interactive_sigint() -> _Handler:
     """Make Ctrl-C reach us if it was ignored but we run in the foreground
     of a terminal (a shell starts background jobs, and programs started
     from them, with SIGINT ignored; `top` reads keys from that terminal and
@@ -341,7 +359,8 @@ def _interactive_sigint():
         return None
 
 
-def run_top(store, name, directory, interval=1.0, once=False, top_n=None, out=None):
+def run_top(store: Store, name: str, directory: Optional[str], interval: float = 1.0,
+            once: bool = False, top_n: Optional[int] = None, out: Optional[IO[str]] = None) -> int:
     """Run ``dedupshm top``; returns the exit status."""
     from rich.console import Console
 
@@ -373,7 +392,7 @@ def run_top(store, name, directory, interval=1.0, once=False, top_n=None, out=No
             signal.signal(signal.SIGINT, old_int)
 
 
-def _plain_loop(store, interval, out):
+def _plain_loop(store: Store, interval: float, out: IO[str]) -> int:
     prev = None
     t0 = time.monotonic()
     try:
@@ -396,7 +415,8 @@ def _plain_loop(store, interval, out):
         return 0
 
 
-def _live_loop(store, name, directory, interval, top_n, out, me):
+def _live_loop(store: Store, name: str, directory: Optional[str], interval: float,
+               top_n: Optional[int], out: IO[str], me: int) -> int:
     from rich.console import Console
     from rich.live import Live
 

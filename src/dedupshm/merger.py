@@ -5,14 +5,21 @@ thread (only a process can remap its own pages); the mergers of different
 processes meet in the store's shared content table.  The scan itself runs
 in C without the GIL.  See csrc/merger.c for the algorithm.
 """
+from __future__ import annotations
+
 import os
 import threading
 import time
 import warnings
 import weakref
+from typing import TYPE_CHECKING, Any, Optional
 
 from ._native import merger_wp_mode as wp_mode  # noqa: F401 - public
 from .errors import StoreClosedError
+
+if TYPE_CHECKING:
+    from ._native import Core
+    from .store import Store
 
 #: ksmd-like defaults; the advisor (target_scan_s, max_cpu) is on by default.
 DEFAULT_SLEEP_MS = 20
@@ -27,10 +34,10 @@ MAX_CONSECUTIVE_ERRORS = 3
 #: Pause after a failed scan before the next try (seconds).
 ERROR_PAUSE_S = 0.1
 
-_mergers = weakref.WeakSet()
+_mergers: weakref.WeakSet[Merger] = weakref.WeakSet()
 
 
-def _after_fork_in_child():
+def _after_fork_in_child() -> None:
     # only the forking thread survives a fork: no merger runs in the child,
     # and a lock another thread held must not stay held
     for m in list(_mergers):
@@ -41,7 +48,7 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _max_map_count():
+def _max_map_count() -> int:
     try:
         with open("/proc/sys/vm/max_map_count") as f:
             return int(f.read())
@@ -66,44 +73,45 @@ class Merger:
     from any thread.  A forked child has no merger running: it calls
     ``start()`` itself."""
 
-    def __init__(self, store):
+    def __init__(self, store: Store) -> None:
         self._store = store
         self._lock = threading.Lock()     # guards _thread, _stop, _fatal
-        self._thread = None
+        self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
-        self._fatal = None                # the error that ended the thread
+        self._fatal: Optional[BaseException] = None   # the error that ended the thread
         self.errors = 0
-        self.last_error = None
-        self.last = {}
-        self._vma_budget = None
+        self.last_error: Optional[BaseException] = None
+        self.last: dict[str, Any] = {}
+        self._vma_budget = 0
         self.vma_budget = max(64, int(_max_map_count() * DEFAULT_VMA_SHARE))
         _mergers.add(self)
 
     @property
-    def vma_budget(self):
+    def vma_budget(self) -> int:
         """Most memory mappings (VMAs) the merger may add to this process;
         past it, only runs of 16+ contiguous pages are merged."""
         return self._vma_budget
 
     @vma_budget.setter
-    def vma_budget(self, n):
+    def vma_budget(self, n: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError("vma_budget must be an int >= 0")
         self._store._c().merger_config(n)
         self._vma_budget = n
 
     @property
-    def running(self):
+    def running(self) -> bool:
         t = self._thread
         return t is not None and t.is_alive()
 
-    def scan(self):
+    def scan(self) -> int:
         """One full synchronous pass; returns the pages merged by it."""
         info = self._store._c().merge_scan(0)
         self.last = info
-        return info["merged"]
+        return int(info["merged"])
 
-    def start(self, pages_to_scan=None, sleep_ms=None, target_scan_s=None, max_cpu=None):
+    def start(self, pages_to_scan: Optional[int] = None, sleep_ms: Optional[float] = None,
+              target_scan_s: Optional[float] = None, max_cpu: Optional[float] = None) -> None:
         """Start the background thread (idempotent: restarts with new pacing)."""
         if pages_to_scan is not None and (isinstance(pages_to_scan, bool)
                                           or not isinstance(pages_to_scan, int)
@@ -130,7 +138,7 @@ class Merger:
             t.start()
             self._thread = t
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop the background thread and wait for it.  If the thread had
         ended on an error, raise that error (once)."""
         with self._lock:
@@ -139,7 +147,7 @@ class Merger:
         if err is not None:
             raise err
 
-    def _stop_locked(self):
+    def _stop_locked(self) -> None:
         t = self._thread
         if t is None:
             return
@@ -148,7 +156,7 @@ class Merger:
             t.join()
         self._thread = None
 
-    def _failed(self, e, consecutive):
+    def _failed(self, e: BaseException, consecutive: int) -> bool:
         """Count a failed scan; True if the thread should end."""
         self.errors += 1
         self.last_error = e
@@ -160,7 +168,8 @@ class Merger:
                       f"(merger.stop() raises it)", RuntimeWarning, stacklevel=2)
         return True
 
-    def _run(self, core, pages_to_scan, sleep_s, target_scan_s, max_cpu, stop):
+    def _run(self, core: Core, pages_to_scan: Optional[int], sleep_s: float,
+             target_scan_s: Optional[float], max_cpu: float, stop: threading.Event) -> None:
         cpu_per_page = 1e-6            # seconds; learned as we go
         total = 0
         idle = 0

@@ -6,13 +6,24 @@ label.  Names follow Prometheus conventions: base units (bytes, seconds),
 ``_total`` for counters.  The HTTP server binds 127.0.0.1 unless told
 otherwise.
 """
+from __future__ import annotations
+
 import signal
 import socket
 import socketserver
 import sys
+from types import FrameType
+from typing import IO, TYPE_CHECKING, Any, Iterable, Iterator, Optional, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from .record import store_file_bytes
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.metrics_core import Metric
+
+    from .store import Store
 
 #: (stats key, metric name, help) of gauges.
 GAUGES = [
@@ -51,16 +62,16 @@ COUNTERS = [
 class StoreCollector:
     """Prometheus collector reading the stats of one or more open stores."""
 
-    def __init__(self, stores):
+    def __init__(self, stores: Iterable[Store]) -> None:
         self.stores = list(stores)
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []          # the metrics are only known by collecting (no eager call)
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        families = {}
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for _, name, doc in GAUGES:
             families[name] = GaugeMetricFamily(name, doc, labels=["store"])
         for _, name, doc in COUNTERS:
@@ -90,7 +101,7 @@ class StoreCollector:
         yield files
 
 
-def make_registry(stores):
+def make_registry(stores: Iterable[Store]) -> CollectorRegistry:
     from prometheus_client import CollectorRegistry
     reg = CollectorRegistry(auto_describe=False)
     reg.register(StoreCollector(stores))
@@ -98,11 +109,12 @@ def make_registry(stores):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
-def make_server(registry, host="127.0.0.1", port=9464):
+def make_server(registry: CollectorRegistry, host: str = "127.0.0.1",
+                port: int = 9464) -> WSGIServer:
     """A threading HTTP server for the registry (not started)."""
     from prometheus_client import make_wsgi_app
 
@@ -114,20 +126,21 @@ def make_server(registry, host="127.0.0.1", port=9464):
         address_family = family
         allow_reuse_address = True
 
-    httpd = Server(infos[0][4][:2], _QuietHandler)
+    httpd = Server(infos[0][4][:2], _QuietHandler)  # type: ignore[arg-type]  # (host, port)
     httpd.set_app(make_wsgi_app(registry))
     return httpd
 
 
-def _terminate(signum, frame):
+def _terminate(signum: int, frame: Optional[FrameType]) -> None:
     raise KeyboardInterrupt
 
 
-def serve(stores, host="127.0.0.1", port=9464, out=None):
+def serve(stores: list[Store], host: str = "127.0.0.1", port: int = 9464,
+          out: Optional[IO[str]] = None) -> int:
     """Serve the stores' metrics until SIGINT/SIGTERM; returns 0."""
     out = out or sys.stdout
     httpd = make_server(make_registry(stores), host, port)
-    bound_host, bound_port = httpd.server_address[:2]
+    bound_host, bound_port = cast("tuple[str, int]", httpd.server_address[:2])
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     names = ", ".join(s.name for s in stores)
     out.write(f"serving metrics of {names} at http://{shown}:{bound_port}/metrics\n")

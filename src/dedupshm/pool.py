@@ -37,6 +37,8 @@ until the store's ``transit_ttl`` (default 1 h) runs out and ``gc()``
 runs.  Tasks that wait in a pool's queue longer than ``transit_ttl`` fail
 with KeyError: give the store a longer ``transit_ttl`` for such pools.
 """
+from __future__ import annotations
+
 import collections
 import concurrent.futures as cf
 import io
@@ -46,10 +48,16 @@ import pickle
 import sys
 import weakref
 from multiprocessing.reduction import ForkingPickler
+from types import ModuleType
+from typing import (IO, TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, Optional,
+                    Union)
 
 import numpy as np
 
 from . import _attach
+
+if TYPE_CHECKING:
+    from .store import ObjectRef, Store
 
 __all__ = ["Pool", "ProcessPoolExecutor", "Queue", "pack", "DEFAULT_MIN_NBYTES"]
 
@@ -65,11 +73,11 @@ _store_id = _attach.store_id
 
 # ---------------------------------------------------------------- packing
 
-def _torch():
+def _torch() -> Optional[ModuleType]:
     return sys.modules.get("torch")
 
 
-def _classify(obj):
+def _classify(obj: Any) -> tuple[Optional[str], int]:
     """("nd" | "b" | "t", nbytes) for a value that may travel by reference,
     else (None, 0)."""
     t = type(obj)
@@ -93,16 +101,16 @@ class _Packer:
 
     _LRU_STRONG = 4     # bytes-likes cannot be weakly referenced
 
-    def __init__(self, store, min_nbytes):
+    def __init__(self, store: Store, min_nbytes: int) -> None:
         self.store = store
         self.min_nbytes = min_nbytes
         self.sid = _store_id(store)
-        self._weak = {}                               # id -> (weakref, ObjectRef)
-        self._strong = collections.OrderedDict()      # id -> (obj, ObjectRef)
+        self._weak: dict[int, tuple[weakref.ref[Any], ObjectRef]] = {}                               # id -> (weakref, ObjectRef)
+        self._strong: collections.OrderedDict[int, tuple[Any, ObjectRef]] = collections.OrderedDict()      # id -> (obj, ObjectRef)
 
-    def _remember(self, obj, ref):
+    def _remember(self, obj: Any, ref: ObjectRef) -> None:
         try:
-            wr = weakref.ref(obj, lambda _, i=id(obj), d=self._weak: d.pop(i, None))
+            wr = weakref.ref(obj, lambda _, i=id(obj), d=self._weak: d.pop(i, None))  # type: ignore[misc]
         except TypeError:
             self._strong[id(obj)] = (obj, ref)
             while len(self._strong) > self._LRU_STRONG:
@@ -110,7 +118,7 @@ class _Packer:
             return
         self._weak[id(obj)] = (wr, ref)
 
-    def _recall(self, obj):
+    def _recall(self, obj: Any) -> Optional[ObjectRef]:
         e = self._weak.get(id(obj))
         if e is not None and e[0]() is obj:
             return e[1]
@@ -120,7 +128,7 @@ class _Packer:
             return e[1]
         return None
 
-    def persistent_id(self, obj):
+    def persistent_id(self, obj: Any) -> Optional[tuple[Any, ...]]:
         kind, n = _classify(obj)
         if kind is None or n < self.min_nbytes:
             return None
@@ -139,25 +147,25 @@ class _Packer:
             self._remember(obj, ref)
         return ("dedupshm", self.sid[0], self.sid[1], ref, kind, meta)
 
-    def pack(self, obj):
+    def pack(self, obj: Any) -> _Packed:
         """A :class:`_Packed` message for obj."""
         f = io.BytesIO()
         p = ForkingPickler(f, pickle.HIGHEST_PROTOCOL)
-        p.persistent_id = self.persistent_id
+        p.persistent_id = self.persistent_id  # type: ignore[method-assign]
         p.dump(obj)
         return _Packed(f.getvalue())
 
-    def close(self):
+    def close(self) -> None:
         self._weak.clear()
         self._strong.clear()
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, f, writable):
+    def __init__(self, f: IO[bytes], writable: bool) -> None:
         super().__init__(f)
         self._writable = writable
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "dedupshm"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         _, name, directory, ref, kind, meta = pid
@@ -181,14 +189,14 @@ class _Packed:
     __slots__ = ("data", "_value")
     _UNSET = object()
 
-    def __init__(self, data):
+    def __init__(self, data: Optional[bytes]) -> None:
         self.data = data
-        self._value = self._UNSET
+        self._value: Any = self._UNSET
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_Packed, (self.data,))
 
-    def _take(self, writable=False):
+    def _take(self, writable: bool = False) -> Any:
         """The value, not kept here: a worker's argument must be let go of
         as soon as its task is done, before the result goes back (the
         worker loop keeps the message alive until the next task)."""
@@ -197,7 +205,7 @@ class _Packed:
             raise ValueError("this message was unpacked already")
         return _Unpickler(io.BytesIO(data), writable).load()
 
-    def value(self, writable=False):
+    def value(self, writable: bool = False) -> Any:
         v = self._value
         if v is not self._UNSET:
             return v
@@ -214,7 +222,7 @@ class _Packed:
         return v
 
 
-def pack(obj, store, min_nbytes=DEFAULT_MIN_NBYTES):
+def pack(obj: Any, store: Store, min_nbytes: int = DEFAULT_MIN_NBYTES) -> _Packed:
     """Pack ``obj`` for sending: large buffers go into ``store``.  Send the
     result through any pipe or queue; the receiver calls ``.value()``."""
     p = _Packer(store, min_nbytes)
@@ -232,20 +240,21 @@ class _Task:
 
     __slots__ = ("func", "name", "directory", "min_nbytes", "writable", "mode")
 
-    def __init__(self, func, store, min_nbytes, writable, mode):
+    def __init__(self, func: Callable[..., Any], store: Store, min_nbytes: int, writable: bool,
+                 mode: str) -> None:
         self.func = func
         self.name, self.directory = _store_id(store)
         self.min_nbytes = min_nbytes
         self.writable = writable
         self.mode = mode               # "one": f(x), "star": f(*x), "apply": f(*a, **kw)
 
-    def __getstate__(self):
+    def __getstate__(self) -> tuple[Any, ...]:
         return (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode)
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
         (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode) = state
 
-    def __call__(self, packed):
+    def __call__(self, packed: Any) -> Any:
         _attached(self.name, self.directory, keep=True)
         arg = packed._take(self.writable) if isinstance(packed, _Packed) else packed
         if self.mode == "one":
@@ -264,11 +273,11 @@ class _Task:
         return packed
 
 
-def _unpacked(v, writable):
+def _unpacked(v: Any, writable: bool) -> Any:
     return v.value(writable) if isinstance(v, _Packed) else v
 
 
-def check_min_nbytes(min_nbytes):
+def check_min_nbytes(min_nbytes: int) -> int:
     """``min_nbytes`` if it is a valid threshold (an int >= 1)."""
     if isinstance(min_nbytes, bool) or not isinstance(min_nbytes, int):
         raise TypeError("min_nbytes must be an int")
@@ -286,40 +295,41 @@ _check_store = _attach.check_store
 class AsyncResult:
     """Like multiprocessing.pool.AsyncResult; ``get()`` returns the unpacked value."""
 
-    def __init__(self, inner, writable, many):
+    def __init__(self, inner: multiprocessing.pool.AsyncResult[Any], writable: bool,
+                 many: bool) -> None:
         self._inner = inner
         self._writable = writable
         self._many = many
 
-    def _convert(self, v):
+    def _convert(self, v: Any) -> Any:
         if self._many:
             return [_unpacked(x, self._writable) for x in v]
         return _unpacked(v, self._writable)
 
-    def get(self, timeout=None):
+    def get(self, timeout: Optional[float] = None) -> Any:
         return self._convert(self._inner.get(timeout))
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: Optional[float] = None) -> None:
         self._inner.wait(timeout)
 
-    def ready(self):
+    def ready(self) -> bool:
         return self._inner.ready()
 
-    def successful(self):
+    def successful(self) -> bool:
         return self._inner.successful()
 
 
 class _ResultIterator:
     """Like multiprocessing.pool.IMapIterator; yields unpacked values."""
 
-    def __init__(self, inner, writable):
+    def __init__(self, inner: Any, writable: bool) -> None:
         self._inner = inner
         self._writable = writable
 
-    def __iter__(self):
+    def __iter__(self) -> _ResultIterator:
         return self
 
-    def next(self, timeout=None):
+    def next(self, timeout: Optional[float] = None) -> Any:
         inner = self._inner
         if hasattr(inner, "next"):
             return _unpacked(inner.next(timeout), self._writable)
@@ -337,28 +347,28 @@ class Pool:
     Values of at least ``min_nbytes`` bytes travel by reference; they
     arrive read-only unless ``writable`` (then copy-on-write)."""
 
-    def __init__(self, processes=None, *, store, min_nbytes=DEFAULT_MIN_NBYTES,
-                 writable=False, **kw):
+    def __init__(self, processes: Optional[int] = None, *, store: Store,
+                 min_nbytes: int = DEFAULT_MIN_NBYTES, writable: bool = False, **kw: Any) -> None:
         self._store = _check_store(store)
         self._min = _check_min(min_nbytes)
         self._writable = bool(writable)
         self._pool = multiprocessing.pool.Pool(processes, **kw)
 
     @property
-    def store(self):
+    def store(self) -> Store:
         return self._store
 
-    def _task(self, func, mode):
+    def _task(self, func: Callable[..., Any], mode: str) -> _Task:
         return _Task(func, self._store, self._min, self._writable, mode)
 
-    def _pack_all(self, iterable):
+    def _pack_all(self, iterable: Iterable[Any]) -> list[_Packed]:
         p = _Packer(self._store, self._min)
         try:
             return [p.pack(x) for x in iterable]
         finally:
             p.close()
 
-    def _pack_lazily(self, iterable):
+    def _pack_lazily(self, iterable: Iterable[Any]) -> Generator[_Packed, None, None]:
         p = _Packer(self._store, self._min)
         try:
             for x in iterable:
@@ -367,22 +377,27 @@ class Pool:
             p.close()
 
     # -- blocking
-    def apply(self, func, args=(), kwds={}):
+    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
+              kwds: dict[str, Any] = {}) -> Any:
         return self.apply_async(func, args, kwds).get()
 
-    def map(self, func, iterable, chunksize=None):
-        return self.map_async(func, iterable, chunksize).get()
+    def map(self, func: Callable[..., Any], iterable: Iterable[Any],
+            chunksize: Optional[int] = None) -> list[Any]:
+        return list(self.map_async(func, iterable, chunksize).get())
 
-    def starmap(self, func, iterable, chunksize=None):
-        return self.starmap_async(func, iterable, chunksize).get()
+    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
+                chunksize: Optional[int] = None) -> list[Any]:
+        return list(self.starmap_async(func, iterable, chunksize).get())
 
     # -- asynchronous
-    def _callbacks(self, callback, error_callback, many):
+    def _callbacks(self, callback: Optional[Callable[[Any], object]],
+                   error_callback: Optional[Callable[[BaseException], object]],
+                   many: bool) -> Optional[Callable[[Any], None]]:
         if callback is None:
             return None
         writable = self._writable
 
-        def cb(v):
+        def cb(v: Any) -> None:
             try:
                 v = [_unpacked(x, writable) for x in v] if many else _unpacked(v, writable)
             except Exception as e:  # noqa: BLE001 - never kill the result handler
@@ -392,70 +407,83 @@ class Pool:
             callback(v)
         return cb
 
-    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+    def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
+                    kwds: dict[str, Any] = {}, callback: Optional[Callable[[Any], object]] = None,
+                    error_callback: Optional[Callable[[BaseException], object]] = None
+                    ) -> AsyncResult:
         packed = self._pack_all([(tuple(args), dict(kwds))])[0]
         r = self._pool.apply_async(self._task(func, "apply"), (packed,), {},
                                    self._callbacks(callback, error_callback, False), error_callback)
         return AsyncResult(r, self._writable, False)
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+    def map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
+                  chunksize: Optional[int] = None,
+                  callback: Optional[Callable[[Any], object]] = None,
+                  error_callback: Optional[Callable[[BaseException], object]] = None
+                  ) -> AsyncResult:
         packed = self._pack_all(iterable)
         r = self._pool.map_async(self._task(func, "one"), packed, chunksize,
                                  self._callbacks(callback, error_callback, True), error_callback)
         return AsyncResult(r, self._writable, True)
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
+                      chunksize: Optional[int] = None,
+                      callback: Optional[Callable[[Any], object]] = None,
+                      error_callback: Optional[Callable[[BaseException], object]] = None
+                      ) -> AsyncResult:
         packed = self._pack_all(iterable)
         r = self._pool.map_async(self._task(func, "star"), packed, chunksize,
                                  self._callbacks(callback, error_callback, True), error_callback)
         return AsyncResult(r, self._writable, True)
 
-    def imap(self, func, iterable, chunksize=1):
+    def imap(self, func: Callable[..., Any], iterable: Iterable[Any],
+             chunksize: int = 1) -> _ResultIterator:
         it = self._pool.imap(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
         return _ResultIterator(it, self._writable)
 
-    def imap_unordered(self, func, iterable, chunksize=1):
+    def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any],
+                       chunksize: int = 1) -> _ResultIterator:
         it = self._pool.imap_unordered(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
         return _ResultIterator(it, self._writable)
 
     # -- lifecycle
-    def close(self):
+    def close(self) -> None:
         self._pool.close()
 
-    def terminate(self):
+    def terminate(self) -> None:
         self._pool.terminate()
 
-    def join(self):
+    def join(self) -> None:
         self._pool.join()
 
-    def __enter__(self):
+    def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.terminate()
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<dedupshm.pool.Pool over {self._store.name!r} {self._pool!r}>"
 
 
 # ---------------------------------------------------------------- ProcessPoolExecutor
 
-class _Future(cf.Future):
+class _Future(cf.Future[Any]):
     """The caller's future: the inner future's result, unpacked."""
 
-    def __init__(self, inner, writable):
+    def __init__(self, inner: cf.Future[Any], writable: bool) -> None:
         super().__init__()
         self._inner = inner
         self._writable = writable
         inner.add_done_callback(self._copy)
 
-    def cancel(self):
+    def cancel(self) -> bool:
         return self._inner.cancel()
 
-    def _copy(self, f):
+    def _copy(self, f: cf.Future[Any]) -> None:
         if f.cancelled():
             super().cancel()
             return
@@ -479,24 +507,25 @@ class ProcessPoolExecutor(cf.Executor):
     docstring).  Other keywords (``mp_context``, ``initializer``,
     ``initargs``, ``max_tasks_per_child``) go to the executor."""
 
-    def __init__(self, max_workers=None, *, store, min_nbytes=DEFAULT_MIN_NBYTES,
-                 writable=False, **kw):
+    def __init__(self, max_workers: Optional[int] = None, *, store: Store,
+                 min_nbytes: int = DEFAULT_MIN_NBYTES, writable: bool = False, **kw: Any) -> None:
         self._store = _check_store(store)
         self._min = _check_min(min_nbytes)
         self._writable = bool(writable)
         self._executor = cf.ProcessPoolExecutor(max_workers, **kw)
 
     @property
-    def store(self):
+    def store(self) -> Store:
         return self._store
 
-    def submit(self, fn, /, *args, **kwargs):
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         packed = pack((args, kwargs), self._store, self._min)
         inner = self._executor.submit(_Task(fn, self._store, self._min, self._writable, "apply"),
                                       packed)
         return _Future(inner, self._writable)
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1):
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+            timeout: Optional[float] = None, chunksize: int = 1) -> Iterator[Any]:
         p = _Packer(self._store, self._min)
         try:
             packed = [p.pack(args) for args in zip(*iterables)]
@@ -507,12 +536,12 @@ class ProcessPoolExecutor(cf.Executor):
         del packed
         writable = self._writable
 
-        def results():
+        def results() -> Iterator[Any]:
             for v in it:
                 yield _unpacked(v, writable)
         return results()
 
-    def shutdown(self, wait=True, *, cancel_futures=False):
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._executor.shutdown(wait, cancel_futures=cancel_futures)
 
 
@@ -525,47 +554,47 @@ class Queue:
     processes as you would a multiprocessing queue (as a Process argument
     or through a pool's initargs)."""
 
-    def __init__(self, maxsize=0, *, store, min_nbytes=DEFAULT_MIN_NBYTES, writable=False,
-                 ctx=None):
+    def __init__(self, maxsize: int = 0, *, store: Store, min_nbytes: int = DEFAULT_MIN_NBYTES,
+                 writable: bool = False, ctx: Any = None) -> None:
         self._store = _check_store(store)
         self._sid = _store_id(store)
         self._min = _check_min(min_nbytes)
         self._writable = bool(writable)
         self._q = (ctx or multiprocessing.get_context()).Queue(maxsize)
 
-    def __getstate__(self):
+    def __getstate__(self) -> tuple[Any, ...]:
         return (self._q, self._sid, self._min, self._writable)
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
         self._q, self._sid, self._min, self._writable = state
         self._store = _attached(*self._sid)
 
-    def put(self, obj, block=True, timeout=None):
+    def put(self, obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         self._q.put(pack(obj, self._store, self._min), block, timeout)
 
-    def put_nowait(self, obj):
+    def put_nowait(self, obj: Any) -> None:
         self.put(obj, False)
 
-    def get(self, block=True, timeout=None):
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
         return _unpacked(self._q.get(block, timeout), self._writable)
 
-    def get_nowait(self):
+    def get_nowait(self) -> Any:
         return self.get(False)
 
-    def qsize(self):
+    def qsize(self) -> int:
         return self._q.qsize()
 
-    def empty(self):
+    def empty(self) -> bool:
         return self._q.empty()
 
-    def full(self):
+    def full(self) -> bool:
         return self._q.full()
 
-    def close(self):
+    def close(self) -> None:
         self._q.close()
 
-    def join_thread(self):
+    def join_thread(self) -> None:
         self._q.join_thread()
 
-    def cancel_join_thread(self):
+    def cancel_join_thread(self) -> None:
         self._q.cancel_join_thread()

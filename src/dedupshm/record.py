@@ -14,21 +14,30 @@ one sample per line, flushed as they are taken so that a recording cut
 short is still readable.  Plotting needs matplotlib (``pip install
 'dedupshm[plot]'``) and uses its Agg backend: no display needed.
 """
+from __future__ import annotations
+
 import csv
 import json
 import math
 import os
 import threading
 import time
+from typing import IO, TYPE_CHECKING, Any, Callable, Optional
 
 from .store import store_paths
+
+if TYPE_CHECKING:
+    from .store import Store
+
+#: One sample: field name -> number (None where unknown).
+Row = dict[str, Any]
 
 FIRST_FIELDS = ("time", "elapsed")
 KERNEL_FIELDS = ("store_file_bytes", "shmem_bytes")
 _FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
 
-def record_format(path):
+def record_format(path: str) -> str:
     """'csv' or 'jsonl' from the file name's extension (ValueError otherwise)."""
     ext = os.path.splitext(path)[1].lower()
     try:
@@ -37,7 +46,7 @@ def record_format(path):
         raise ValueError(f"cannot tell the format of {path!r}: name it .csv or .jsonl") from None
 
 
-def meminfo_shmem():
+def meminfo_shmem() -> Optional[int]:
     """The machine's Shmem (/proc/meminfo) in bytes, None if unreadable."""
     try:
         with open("/proc/meminfo") as f:
@@ -49,7 +58,7 @@ def meminfo_shmem():
     return None
 
 
-def store_file_bytes(name, directory=None):
+def store_file_bytes(name: str, directory: Optional[str] = None) -> Optional[int]:
     """Bytes the file system has allocated to a store's files (None if gone)."""
     total, seen = 0, False
     for p in store_paths(name, directory):
@@ -61,22 +70,22 @@ def store_file_bytes(name, directory=None):
     return total if seen else None
 
 
-def sample(store, t0=None):
+def sample(store: Store, t0: Optional[float] = None) -> Row:
     """One sample of ``store`` (a dict); ``t0`` is the monotonic start time."""
     now = time.monotonic()
-    row = {"time": time.time(), "elapsed": 0.0 if t0 is None else now - t0}
+    row: Row = {"time": time.time(), "elapsed": 0.0 if t0 is None else now - t0}
     row.update(store.stats())
     row["store_file_bytes"] = store_file_bytes(store.name, store.directory)
     row["shmem_bytes"] = meminfo_shmem()
     return row
 
 
-def _fields(row):
+def _fields(row: Row) -> list[str]:
     rest = [k for k in row if k not in FIRST_FIELDS and k not in KERNEL_FIELDS]
     return list(FIRST_FIELDS) + rest + list(KERNEL_FIELDS)
 
 
-def _jsonable(v):
+def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and math.isinf(v):
         return "inf" if v > 0 else "-inf"
     return v
@@ -85,14 +94,14 @@ def _jsonable(v):
 class RecordWriter:
     """Appends samples to a CSV or JSON-lines file, one flushed line each."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.format = record_format(path)
         self._f = open(path, "w", newline="" if self.format == "csv" else None)
-        self._csv = None
+        self._csv: Optional[csv.DictWriter[str]] = None
         self.count = 0
 
-    def write(self, row):
+    def write(self, row: Row) -> None:
         if self.format == "csv":
             if self._csv is None:
                 self._csv = csv.DictWriter(self._f, fieldnames=_fields(row), extrasaction="ignore")
@@ -103,18 +112,20 @@ class RecordWriter:
         self._f.flush()
         self.count += 1
 
-    def close(self):
+    def close(self) -> None:
         if not self._f.closed:
             self._f.close()
 
-    def __enter__(self):
+    def __enter__(self) -> RecordWriter:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def record(store, path, interval=1.0, duration=None, count=None, stop=None, on_sample=None):
+def record(store: Store, path: str, interval: float = 1.0, duration: Optional[float] = None,
+           count: Optional[int] = None, stop: Optional[threading.Event] = None,
+           on_sample: Optional[Callable[[Row], object]] = None) -> int:
     """Sample ``store`` into ``path`` every ``interval`` seconds, until
     ``duration`` seconds have passed, ``count`` samples were taken, or the
     ``stop`` event is set (whichever comes first; none: until interrupted).
@@ -146,7 +157,7 @@ def record(store, path, interval=1.0, duration=None, count=None, stop=None, on_s
         return w.count
 
 
-def _next_slot(t0, interval):
+def _next_slot(t0: float, interval: float) -> float:
     """The next time t0 + k * interval still ahead (slots missed while a
     sample was slow are skipped, not caught up in a burst)."""
     return t0 + (int((time.monotonic() - t0) / interval + 1e-9) + 1) * interval
@@ -156,22 +167,22 @@ class Recorder:
     """``record()`` in a background thread: ``start()``, then ``stop()``,
     which takes one last sample so the record ends at the final state."""
 
-    def __init__(self, store, path, interval=0.1):
+    def __init__(self, store: Store, path: str, interval: float = 0.1) -> None:
         self.store, self.path, self.interval = store, path, interval
         record_format(path)                       # fail early on a bad name
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: Optional[threading.Thread] = None
         self.count = 0
-        self.error = None
+        self.error: Optional[Exception] = None
 
-    def start(self):
+    def start(self) -> Recorder:
         self._t0 = time.monotonic()
         self._writer = RecordWriter(self.path)
         self._thread = threading.Thread(target=self._run, name="dedupshm-recorder", daemon=True)
         self._thread.start()
         return self
 
-    def _run(self):
+    def _run(self) -> None:
         try:
             while True:
                 self._writer.write(sample(self.store, self._t0))
@@ -181,8 +192,9 @@ class Recorder:
         except Exception as e:  # noqa: BLE001 - reported by stop()
             self.error = e
 
-    def stop(self):
+    def stop(self) -> int:
         self._stop.set()
+        assert self._thread is not None, "stop() before start()"
         self._thread.join()
         try:
             if self.error is None:
@@ -197,7 +209,7 @@ class Recorder:
 
 # ---------------------------------------------------------------- reading
 
-def _number(s):
+def _number(s: Any) -> Any:
     if s is None or s == "":
         return None
     if isinstance(s, (int, float)):
@@ -212,10 +224,10 @@ def _number(s):
         return s
 
 
-def read_record(path):
+def read_record(path: str) -> list[Row]:
     """The samples of a record file: a list of dicts of numbers."""
     fmt = record_format(path)
-    rows = []
+    rows: list[Row] = []
     with open(path, newline="" if fmt == "csv" else None) as f:
         if fmt == "csv":
             for r in csv.DictReader(f):
@@ -236,10 +248,11 @@ def read_record(path):
     return rows
 
 
-def rates(rows, key, per=1.0):
+def rates(rows: list[Row], key: str, per: float = 1.0) -> tuple[list[float], list[float]]:
     """(times, per-second rate of the counter ``key``) between samples;
     a counter that went down (store re-created) gives no rate there."""
-    ts, vs = [], []
+    ts: list[float] = []
+    vs: list[float] = []
     for a, b in zip(rows, rows[1:]):
         dt = b["elapsed"] - a["elapsed"]
         if dt <= 0 or a.get(key) is None or b.get(key) is None:
@@ -255,7 +268,7 @@ def rates(rows, key, per=1.0):
 MiB = float(1 << 20)
 
 
-def plot_record(rows, out, title=None):
+def plot_record(rows: list[Row], out: Any, title: Optional[str] = None) -> Any:
     """Draw a record to a PNG: memory and what dedup saved, merger activity."""
     if not rows:
         raise ValueError("the record holds no samples")
@@ -272,7 +285,7 @@ def plot_record(rows, out, title=None):
 
     t = [r["elapsed"] for r in rows]
 
-    def col(k, scale=1.0):
+    def col(k: str, scale: float = 1.0) -> list[float]:
         return [float("nan") if r.get(k) is None else r[k] / scale for r in rows]
 
     logical, physical = col("logical_bytes", MiB), col("physical_bytes", MiB)
@@ -287,7 +300,7 @@ def plot_record(rows, out, title=None):
         fig = Figure(figsize=(8.5, 5.6), dpi=90, layout="constrained")
         FigureCanvasAgg(fig)
         ax_mem, ax_saved = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-        axes = (ax_mem, ax_saved)
+        axes: tuple[Any, ...] = (ax_mem, ax_saved)
     else:
         fig = Figure(figsize=(8.5, 9.0), dpi=90, layout="constrained")
         FigureCanvasAgg(fig)

@@ -16,16 +16,23 @@ by every process; the objects an access returns are the caller's own.
 It pickles as a reference: handing it to another process (a spawned
 DataLoader worker, a pool task) sends a few hundred bytes, not the data.
 """
+from __future__ import annotations
+
 import collections.abc
 import io
 import os
 import pickle
+from typing import TYPE_CHECKING, Any, Final, Iterable, Iterator, Optional
 
 from . import _attach
 
+if TYPE_CHECKING:
+    from ._typing import Buffer
+    from .store import Key, ObjectRef, Store
+
 __all__ = ["SharedSequence", "put_sequence"]
 
-_OFFSETS_FORMAT = "q"        # int64 offsets, n + 1 of them
+_OFFSETS_FORMAT: Final = "q"        # int64 offsets, n + 1 of them
 
 # The ObjectRef of each stored payload, by nonce, for the processes that
 # know it (the putter, and whoever unpickled the sequence) lets
@@ -38,23 +45,25 @@ class _Payload:
     with the offsets and the item bytes as out-of-band buffers (so they
     land in the store's pages and come back as views)."""
 
-    def __init__(self, offsets, data, n, name, directory, nonce):
+    def __init__(self, offsets: memoryview, data: memoryview, n: int, name: str,
+                 directory: str, nonce: bytes) -> None:
         self.offsets, self.data, self.n = offsets, data, n
         self.name, self.directory, self.nonce = name, directory, nonce
 
-    def __reduce_ex__(self, protocol):
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         if protocol < 5:
             raise pickle.PicklingError("a sequence payload needs pickle protocol 5")
         return (_rebuild, (pickle.PickleBuffer(self.offsets), pickle.PickleBuffer(self.data),
                            self.n, self.name, self.directory, self.nonce))
 
 
-def _as_view(b):
+def _as_view(b: Buffer) -> memoryview:
     mv = b if isinstance(b, memoryview) else memoryview(b)
     return mv.toreadonly() if not mv.readonly else mv
 
 
-def _rebuild(offsets, data, n, name, directory, nonce):
+def _rebuild(offsets: Any, data: Buffer, n: int, name: str, directory: str,
+             nonce: bytes) -> SharedSequence:
     offsets = _as_view(offsets).cast("B").cast(_OFFSETS_FORMAT)
     if len(offsets) != n + 1:
         raise ValueError(f"corrupt sequence: {len(offsets)} offsets for {n} items")
@@ -63,7 +72,7 @@ def _rebuild(offsets, data, n, name, directory, nonce):
                           ref.__copy__() if ref is not None else None)
 
 
-class SharedSequence(collections.abc.Sequence):
+class SharedSequence(collections.abc.Sequence[Any]):
     """A read-only sequence of Python objects stored once in a dedupshm
     store (see the module docstring).
 
@@ -76,7 +85,8 @@ class SharedSequence(collections.abc.Sequence):
     __slots__ = ("_offsets", "_data", "_n", "_name", "_directory", "_nonce", "_ref",
                  "__weakref__")
 
-    def __init__(self, offsets, data, n, name, directory, nonce, ref=None):
+    def __init__(self, offsets: memoryview, data: memoryview, n: int, name: str, directory: str,
+                 nonce: bytes, ref: Optional[ObjectRef] = None) -> None:
         self._offsets = offsets
         self._data = data
         self._n = n
@@ -85,14 +95,14 @@ class SharedSequence(collections.abc.Sequence):
         self._nonce = nonce
         self._ref = ref
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._n
 
-    def _item(self, i):
+    def _item(self, i: int) -> Any:
         o = self._offsets
         return pickle.loads(self._data[o[i]:o[i + 1]])
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
             return [self._item(i) for i in range(*index.indices(self._n))]
         try:
@@ -107,7 +117,7 @@ class SharedSequence(collections.abc.Sequence):
             raise IndexError("sequence index out of range")
         return self._item(i)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         o, d, loads = self._offsets, self._data, pickle.loads
         start = o[0]
         for i in range(1, self._n + 1):
@@ -115,16 +125,16 @@ class SharedSequence(collections.abc.Sequence):
             yield loads(d[start:end])
             start = end
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<dedupshm.SharedSequence of {self._n} items, {self.nbytes} bytes in {self._name!r}>"
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         """Bytes of serialized items (the offsets take 8 more per item)."""
         return self._data.nbytes
 
     @property
-    def ref(self):
+    def ref(self) -> ObjectRef:
         """An ObjectRef that keeps this sequence stored (made on first use
         if this sequence came from a plain ``store.get``; storing it again
         shares every page with the stored copy)."""
@@ -136,20 +146,20 @@ class SharedSequence(collections.abc.Sequence):
             _remember(self._nonce, self._ref)
         return self._ref
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_from_ref, (self._name, self._directory, self.ref))
 
-    def __copy__(self):
+    def __copy__(self) -> SharedSequence:
         return self
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: Any) -> SharedSequence:
         return self
 
 
 _remember = _attach.remember_sequence
 
 
-def _from_ref(name, directory, ref):
+def _from_ref(name: str, directory: str, ref: ObjectRef) -> SharedSequence:
     store = _attach.attached_store(name, directory)
     seq = store.get(ref)
     if not isinstance(seq, SharedSequence):
@@ -160,7 +170,7 @@ def _from_ref(name, directory, ref):
     return seq
 
 
-def put_sequence(store, iterable, key=None):
+def put_sequence(store: Store, iterable: Iterable[Any], key: Optional[Key] = None) -> ObjectRef:
     """Store the items of ``iterable`` as one SharedSequence and return its
     ObjectRef (with ``key``, also bind the key to it).  ``store.get`` of the
     ref or key returns the SharedSequence.  Items must be picklable; each

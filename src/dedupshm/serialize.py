@@ -26,30 +26,38 @@ Kinds:
           says where each is ([buffer index, offset, length] each); the
           pickle stream inline or, when large, as the last buffer
 """
+from __future__ import annotations
+
 import pickle
+from typing import Any, Optional, Sequence, cast
 
 import msgpack
 import numpy as np
+
+from ._typing import Buffer
+
+#: (descriptor bytes, contiguous buffers): what the store keeps of a value.
+Encoded = tuple[bytes, list[memoryview]]
 
 OOB_MIN = 4096
 #: Pickle streams up to this size ride in the descriptor (small values stay
 #: packed); longer ones are stored as a buffer of their own.
 INLINE_PICKLE_MAX = 1024
-BYTES_DESC = msgpack.packb({"k": "b"}, use_bin_type=True)
+BYTES_DESC: bytes = msgpack.packb({"k": "b"}, use_bin_type=True)
 _ALIGN = 16
 
 
-def _contiguous_bytes(mv):
+def _contiguous_bytes(mv: Buffer) -> memoryview:
     mv = memoryview(mv)
     if mv.c_contiguous:
         if mv.format == "B" and mv.ndim == 1:
             return mv
-        if mv.nbytes and 0 not in mv.shape:
+        if mv.nbytes and 0 not in (mv.shape or ()):
             return mv.cast("B")
     return memoryview(mv.tobytes())
 
 
-def _dtype_desc(desc, dt):
+def _dtype_desc(desc: dict[str, Any], dt: np.dtype[Any]) -> None:
     """Record dtype dt in desc: as its string when that round-trips."""
     s = dt.str
     try:
@@ -62,16 +70,16 @@ def _dtype_desc(desc, dt):
         desc["dp"] = pickle.dumps(dt, protocol=5)
 
 
-def _dtype_of(desc):
+def _dtype_of(desc: dict[str, Any]) -> np.dtype[Any]:
     if "dt" in desc:
-        return np.dtype(desc["dt"])
+        return cast("np.dtype[Any]", np.dtype(desc["dt"]))
     dt = pickle.loads(desc["dp"])
     if not isinstance(dt, np.dtype):
         raise ValueError("corrupt descriptor: dp is not a dtype")
     return dt
 
 
-def _array_bytes(arr):
+def _array_bytes(arr: np.ndarray[Any, Any]) -> memoryview:
     """A flat byte view of a C- or F-contiguous array (no copy)."""
     if arr.nbytes == 0:
         return memoryview(b"")
@@ -79,15 +87,15 @@ def _array_bytes(arr):
     return memoryview(flat.view(np.uint8))
 
 
-_castable = {}
+_castable: dict[str, bool] = {}
 
 
-def _can_cast(fmt):
+def _can_cast(fmt: str) -> bool:
     """Whether memoryview.cast can make format fmt (native single characters)."""
     ok = _castable.get(fmt)
     if ok is None:
         try:
-            memoryview(bytes(64)).cast(fmt)
+            memoryview(bytes(64)).cast(fmt)  # type: ignore[call-overload]
             ok = True
         except (ValueError, TypeError):
             ok = False
@@ -96,10 +104,10 @@ def _can_cast(fmt):
     return ok
 
 
-def _encode_memoryview(mv):
+def _encode_memoryview(mv: memoryview) -> Encoded:
     if mv.format == "B" and mv.ndim == 1:
         return BYTES_DESC, [_contiguous_bytes(mv)]
-    shape = list(mv.shape)
+    shape = list(mv.shape or ())
     if _can_cast(mv.format) and 0 not in shape:
         desc = {"k": "mv", "f": mv.format, "sh": shape}
         return msgpack.packb(desc, use_bin_type=True), [_contiguous_bytes(mv)]
@@ -115,7 +123,7 @@ def _encode_memoryview(mv):
     return msgpack.packb(desc, use_bin_type=True), [_array_bytes(arr)]
 
 
-def encode(value):
+def encode(value: Any) -> Encoded:
     """Return (descriptor bytes, list of contiguous buffers)."""
     if type(value) is np.ndarray and not value.dtype.hasobject and value.dtype.itemsize:
         if value.flags.c_contiguous:
@@ -139,13 +147,13 @@ def encode(value):
 MAX_PACKED_BUFFERS = 1_000_000
 
 
-def _encode_pickle(value, pack_small=True):
-    bufs = []          # what the store keeps: large buffers, [small pack], [stream]
-    where = []         # per pickle buffer, in order: buffer index, offset, length
-    small = []         # (position in where, raw) of buffers packed together
+def _encode_pickle(value: Any, pack_small: bool = True) -> Encoded:
+    bufs: list[memoryview] = []          # what the store keeps: large buffers, [small pack], [stream]
+    where: list[int] = []         # per pickle buffer, in order: buffer index, offset, length
+    small: list[tuple[int, int, memoryview]] = []         # (position in where, raw) of buffers packed together
     small_len = 0
 
-    def oob(pb):
+    def oob(pb: pickle.PickleBuffer) -> bool:
         nonlocal small_len
         raw = pb.raw()
         n = raw.nbytes
@@ -185,13 +193,14 @@ def _encode_pickle(value, pack_small=True):
     return msgpack.packb(desc, use_bin_type=True), bufs
 
 
-def _readonly(buffers, writable):
+def _readonly(buffers: Sequence[memoryview], writable: Optional[bool]) -> bool:
     if writable is not None:
         return not writable
     return bool(buffers) and buffers[0].readonly
 
 
-def decode(desc_bytes, buffers, writable=None):
+def decode(desc_bytes: bytes, buffers: Sequence[memoryview],
+           writable: Optional[bool] = None) -> Any:
     """Rebuild a value from its descriptor and buffers (memoryviews).
 
     ``writable``: whether the caller asked for writable results (None:

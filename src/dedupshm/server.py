@@ -16,14 +16,22 @@ weights or lookup tables, so N workers hold N copies.  Two ways to hold one:
 
 Recipes for gunicorn are in docs/INTEGRATIONS.md.
 """
+from __future__ import annotations
+
 import time
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import DedupShmError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .store import Key, Store
 
 __all__ = ["shared_load", "load_mergeable", "mergeable_copy"]
 
 
-def _marker_key(key):
+def _marker_key(key: Key) -> Key:
     if isinstance(key, str):
         return "\0dedupshm.loading\0" + key
     return b"\0dedupshm.loading\0" + bytes(key)
@@ -32,19 +40,20 @@ def _marker_key(key):
 _MISSING = object()
 
 
-def _read(store, key):
+def _read(store: Store, key: Key) -> Any:
     try:
         return store.get(key)
     except KeyError:
         return _MISSING
 
 
-def _owner(store, marker):
+def _owner(store: Store, marker: Key) -> Optional[bytes]:
     v = _read(store, marker)
     return None if v is _MISSING else bytes(v)
 
 
-def shared_load(store, key, loader, *, timeout=600.0, poll=0.02):
+def shared_load(store: Store, key: Key, loader: Callable[[], Any], *, timeout: float = 600.0,
+                poll: float = 0.02) -> Any:
     """The value stored under ``key``; if there is none, ``loader()``'s
     value, stored under ``key`` for everyone.
 
@@ -93,7 +102,7 @@ def shared_load(store, key, loader, *, timeout=600.0, poll=0.02):
     return store.get(key)
 
 
-def mergeable_copy(store, array):
+def mergeable_copy(store: Store, array: Any) -> np.ndarray[Any, Any]:
     """A private, writable copy of a numpy array in mergeable memory (see
     ``Store.mergeable``): the merger folds its pages with identical pages
     of other processes and of the store."""
@@ -104,7 +113,7 @@ def mergeable_copy(store, array):
     return out
 
 
-def load_mergeable(store, loader, *, start_merger=True):
+def load_mergeable(store: Store, loader: Callable[[], Any], *, start_merger: bool = True) -> Any:
     """``loader()``'s numpy array (or dict/list/tuple of arrays), copied
     into mergeable memory, and the store's merger started in this process.
     Each worker holds a writable copy of its own; the merger makes the
@@ -118,7 +127,7 @@ def load_mergeable(store, loader, *, start_merger=True):
     return out
 
 
-def _to_mergeable(store, v):
+def _to_mergeable(store: Store, v: Any) -> Any:
     import numpy as np
     if isinstance(v, np.ndarray):
         return mergeable_copy(store, v)

@@ -1,12 +1,25 @@
 """The Store: values in shared memory, identical pages stored once."""
+from __future__ import annotations
+
 import contextlib
 import os
 import re
 import time
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
 
 from . import _attach, _decay, serialize
 from ._native import MAX_KEY, Core
 from .errors import StoreClosedError, StoreFullError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from ._typing import Buffer
+    from .merger import Merger
+
+#: A key: str or bytes.
+Key = Union[str, bytes]
 
 DEFAULT_DIRECTORY = "/dev/shm"
 #: Share of the directory's free space a new store may use by default.
@@ -20,7 +33,7 @@ DEFAULT_WARM_MIN = 256 << 20
 DEFAULT_WARM_SHARE = 1 / 8
 
 
-def default_warm_bytes(capacity):
+def default_warm_bytes(capacity: int) -> int:
     return min(capacity, max(DEFAULT_WARM_MIN, int(capacity * DEFAULT_WARM_SHARE)))
 #: Seconds a pickled ObjectRef keeps its object alive if never unpickled.
 DEFAULT_TRANSIT_TTL = 3600
@@ -32,7 +45,7 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
-def parse_size(value, what="size"):
+def parse_size(value: Union[int, str], what: str = "size") -> int:
     """An int, or a string such as "512MiB", "2GiB", "1.5GB", "4096"."""
     if isinstance(value, bool):
         raise TypeError(f"{what} must be an int or a string like '512MiB'")
@@ -50,14 +63,14 @@ def parse_size(value, what="size"):
     return n
 
 
-def store_paths(name, directory=None):
+def store_paths(name: str, directory: Optional[str] = None) -> tuple[str, str]:
     """The two files of store ``name``: (index, pool)."""
     check_name(name)
     d = directory or DEFAULT_DIRECTORY
     return (os.path.join(d, f"dedupshm.{name}.index"), os.path.join(d, f"dedupshm.{name}.pool"))
 
 
-def check_name(name):
+def check_name(name: str) -> None:
     if not isinstance(name, str):
         raise TypeError(f"store name must be a str, not {type(name).__name__}")
     if not _NAME_RE.match(name):
@@ -66,7 +79,7 @@ def check_name(name):
         raise ValueError(f"store name {name!r} is not allowed")
 
 
-def encode_key(key):
+def encode_key(key: object) -> bytes:
     """Keys are str or bytes; stored with a one-byte type tag."""
     if isinstance(key, str):
         b = b"s" + key.encode("utf-8", "surrogatepass")
@@ -79,13 +92,14 @@ def encode_key(key):
     return b
 
 
-def decode_key(b):
+def decode_key(b: bytes) -> Key:
     return b[1:].decode("utf-8", "surrogatepass") if b[:1] == b"s" else bytes(b[1:])
 
 
 # One attachment per store per process, shared by Store objects and refs:
 # the attach cache (and every other process-wide registry) is in _attach.
-def _core_for(name, directory, create, capacity, warm_bytes, transit_ttl):
+def _core_for(name: str, directory: Optional[str], create: bool, capacity: int,
+              warm_bytes: int, transit_ttl: int) -> Core:
     index, pool = store_paths(name, directory)
     return _attach.core(index, pool, create, capacity, warm_bytes, transit_ttl)
 
@@ -101,47 +115,48 @@ class ObjectRef:
 
     __slots__ = ("_core", "_cell", "__weakref__")
 
-    def __init__(self, core, cell):
+    def __init__(self, core: Union[Core, _DeadCore], cell: Any) -> None:
         # the cell exists before the C call that fills it, and its collection
         # releases what it holds (Core.new_ref): nothing is ever unowned
         self._core = core
         self._cell = cell
 
     @property
-    def _obj(self):
-        return self._cell.obj
+    def _obj(self) -> int:
+        return int(self._cell.obj)
 
     @property
-    def _gen(self):
-        return self._cell.gen
+    def _gen(self) -> int:
+        return int(self._cell.gen)
 
     @property
-    def _live(self):
+    def _live(self) -> bool:
         return bool(self._cell.held)
 
     @property
-    def id(self):
+    def id(self) -> tuple[int, int]:
         """(object slot, generation): unique within its store."""
         return (self._cell.obj, self._cell.gen)
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((self._core.uuid, self._cell.obj, self._cell.gen))
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return (isinstance(other, ObjectRef) and other._core.uuid == self._core.uuid
                 and other._cell.obj == self._cell.obj and other._cell.gen == self._cell.gen)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         name = os.path.basename(self._core.index_path)[len("dedupshm."):-len(".index")]
         return f"<ObjectRef {name}:{self._cell.obj}.{self._cell.gen}>"
 
-    def __copy__(self):
-        return _local_ref(self._core, self._cell.obj, self._cell.gen)
+    def __copy__(self) -> ObjectRef:
+        # (a dangling ref's _DeadCore cannot pin: copying one raises AttributeError)
+        return _local_ref(self._core, self._cell.obj, self._cell.gen)  # type: ignore[arg-type]
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: Any) -> ObjectRef:
         return self.__copy__()
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         obj, gen = self._cell.obj, self._cell.gen
         token = self._core.transit(obj, gen) if self._cell.held else None
         d, base = os.path.split(self._core.index_path)
@@ -149,7 +164,7 @@ class ObjectRef:
         return (_rebuild_ref, (d, name, self._core.uuid, obj, gen, token))
 
 
-def _local_ref(core, obj, gen):
+def _local_ref(core: Core, obj: int, gen: int) -> ObjectRef:
     """A new ObjectRef holding (obj, gen); a dead one if it is gone."""
     ref = ObjectRef(core, core.new_ref())
     try:
@@ -159,7 +174,8 @@ def _local_ref(core, obj, gen):
     return ref
 
 
-def _rebuild_ref(directory, name, uuid, obj, gen, token):
+def _rebuild_ref(directory: str, name: str, uuid: bytes, obj: int, gen: int,
+                 token: Optional[int]) -> ObjectRef:
     try:
         core = _core_for(name, directory, False, 0, 0, 0)
     except FileNotFoundError:
@@ -178,15 +194,15 @@ def _rebuild_ref(directory, name, uuid, obj, gen, token):
 class _DeadCore:
     """Stands in for the store of a reference whose store no longer exists."""
 
-    def __init__(self, directory, name, uuid):
+    def __init__(self, directory: str, name: str, uuid: bytes) -> None:
         self.index_path = store_paths(name, directory)[0]
         self.uuid = uuid
 
-    def transit(self, obj, gen):
+    def transit(self, obj: int, gen: int) -> Optional[int]:
         return None
 
 
-def _attach_store(name, directory):
+def _attach_store(name: str, directory: str) -> Store:
     return Store(name, directory=directory)
 
 
@@ -194,20 +210,21 @@ class CheckReport:
     """What :meth:`Store.check` found: ``errors`` (list of str, empty when
     healthy), ``objects``, ``pages``, ``bytes_checked``."""
 
-    def __init__(self, errors, objects=0, pages=0, bytes_checked=0):
+    def __init__(self, errors: list[str], objects: int = 0, pages: int = 0,
+                 bytes_checked: int = 0) -> None:
         self.errors = errors
         self.objects = objects
         self.pages = pages
         self.bytes_checked = bytes_checked
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return not self.errors
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return self.ok
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "ok" if self.ok else f"{len(self.errors)} errors"
         return (f"<CheckReport {state}: {self.objects} objects, {self.pages} pages, "
                 f"{self.bytes_checked} bytes re-hashed>")
@@ -232,8 +249,10 @@ class Store:
     ``dedup=False`` to :meth:`put` for values that must not share pages.
     """
 
-    def __init__(self, name, *, create=False, capacity=None, directory=None,
-                 warm_bytes=None, transit_ttl=None, merger=False, decay_s=None):
+    def __init__(self, name: str, *, create: bool = False, capacity: Union[int, str, None] = None,
+                 directory: Optional[str] = None, warm_bytes: Union[int, str, None] = None,
+                 transit_ttl: Optional[int] = None, merger: bool = False,
+                 decay_s: Optional[float] = None) -> None:
         check_name(name)
         decay_ms = _decay.decay_ms_of(decay_s)
         directory = directory or DEFAULT_DIRECTORY
@@ -251,17 +270,17 @@ class Store:
             capacity, warm, ttl = 0, 0, 0
         self.name = name
         self.directory = directory
-        self._core = None
+        self._core: Optional[Core] = None
         self._core = _core_for(name, directory, create, capacity, warm, ttl)
         _decay.register(self._core, decay_ms)
         self._next_gc = 0.0
         self._maybe_gc()
-        self._merger = None
+        self._merger: Optional[Merger] = None
         if merger:
             self.merger.start()
 
     # ---- lifecycle -------------------------------------------------------
-    def close(self):
+    def close(self) -> None:
         """Let go of the store in this object (stopping its merger thread).
         Views, ObjectRefs and mergeable memory still alive keep this
         process attached until they are released."""
@@ -272,43 +291,43 @@ class Store:
             self._core = None
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._core is None
 
-    def unlink(self):
+    def unlink(self) -> None:
         """Remove the store's files.  Attached processes keep working until
         they close; new attaches fail with FileNotFoundError."""
         for p in store_paths(self.name, self.directory):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
 
-    def __enter__(self):
+    def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_attach_store, (self.name, self.directory))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<dedupshm.Store {self.name!r} in {self.directory} ({state})>"
 
-    def _c(self):
+    def _c(self) -> Core:
         core = self._core
         if core is None:
             raise StoreClosedError(f"store {self.name!r} is closed")
         return core
 
-    def _maybe_gc(self):
+    def _maybe_gc(self) -> None:
         now = time.monotonic()
         if now >= self._next_gc:
             self._next_gc = now + GC_INTERVAL
             self._c().gc()
 
     # ---- values ----------------------------------------------------------
-    def put(self, value, *, key=None, dedup=True):
+    def put(self, value: Any, *, key: Optional[Key] = None, dedup: bool = True) -> ObjectRef:
         """Copy ``value`` into the store, seal it and return its ObjectRef.
 
         With ``key``, bind the key to it (replacing an older value).
@@ -327,12 +346,12 @@ class Store:
             core.put(kb, desc, bufs, not dedup, ref._cell)
         return ref
 
-    def _own_ref(self, core, ref):
+    def _own_ref(self, core: Core, ref: ObjectRef) -> tuple[int, int]:
         if ref._core.uuid != core.uuid:
             raise ValueError(f"{ref!r} belongs to another store")
         return ref._cell.obj, ref._cell.gen
 
-    def get(self, ref_or_key, *, writable=False):
+    def get(self, ref_or_key: Union[ObjectRef, Key], *, writable: bool = False) -> Any:
         """The stored value, zero-copy.
 
         numpy arrays come back as read-only arrays over shared memory,
@@ -355,14 +374,15 @@ class Store:
             raise KeyError(ref_or_key) from None
         return serialize.decode(desc, bufs, writable=writable)
 
-    def put_sequence(self, iterable, *, key=None):
+    def put_sequence(self, iterable: Iterable[Any], *,
+                     key: Optional[Key] = None) -> ObjectRef:
         """Store a read-only sequence of picklable objects, serialized once;
         ``get`` returns it as a :class:`dedupshm.SharedSequence` that reads
         items without writing shared pages (no refcount traffic)."""
         from .sequence import put_sequence
         return put_sequence(self, iterable, key=key)
 
-    def ref(self, key):
+    def ref(self, key: Key) -> ObjectRef:
         """An ObjectRef to the value bound to ``key`` (KeyError if none)."""
         core = self._c()
         kb = encode_key(key)
@@ -379,7 +399,7 @@ class Store:
         raise KeyError(key)
 
     @contextlib.contextmanager
-    def create(self, key, nbytes):
+    def create(self, key: Key, nbytes: int) -> Iterator[memoryview]:
         """``with store.create(key, nbytes) as buf:`` fill a writable
         memoryview in place; it is sealed and bound to ``key`` when the
         block exits normally, discarded if it raises.  After the block,
@@ -402,7 +422,7 @@ class Store:
             raise
         core.commit(cell, serialize.BYTES_DESC)
 
-    def delete(self, ref_or_key):
+    def delete(self, ref_or_key: Union[ObjectRef, Key]) -> None:
         """Remove a value: unbind its key and make it unreachable.  Readers
         that hold it keep their bytes; memory returns when they let go."""
         core = self._c()
@@ -421,7 +441,7 @@ class Store:
                 raise KeyError(ref_or_key) from None
 
     # ---- mapping protocol -------------------------------------------------
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Key, value: Any) -> None:
         """``store[key] = value``: put and bind, taking no reference (the
         binding keeps the value); a bytes value goes in without a copy on
         the Python side."""
@@ -441,22 +461,22 @@ class Store:
             core.gc()                       # dead processes may hold space
             core.put_key(kb, desc, bufs[0])
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Union[ObjectRef, Key]) -> Any:
         return self.get(key)
 
-    def __delitem__(self, key):
+    def __delitem__(self, key: Union[ObjectRef, Key]) -> None:
         self.delete(key)
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         core = self._c()
         if isinstance(key, ObjectRef):
             return core.alive(*self._own_ref(core, key))
         return core.lookup(encode_key(key)) is not None
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._c().count()
 
-    def scan(self):
+    def scan(self) -> Iterator[tuple[Key, int]]:
         """Iterate over (key, logical size in bytes) of the bound keys in
         bounded batches: the store is locked only while a batch is read,
         and memory stays constant however many keys there are.  A key
@@ -465,31 +485,31 @@ class Store:
         for keys, sizes in self._key_batches():
             yield from zip(keys, sizes)
 
-    def _key_batches(self):
+    def _key_batches(self) -> Iterator[tuple[list[Key], list[int]]]:
         for raw, sizes in self._c().key_batches():
             # decode_key, inlined: a walk of a million keys calls it a million times
             yield [k[1:].decode("utf-8", "surrogatepass") if k[0] == 115 else k[1:]
                    for k in raw], sizes
 
-    def keys(self):
+    def keys(self) -> list[Key]:
         """A list of the bound keys (see :meth:`scan` for what a walk sees)."""
-        out = []
+        out: list[Key] = []
         for keys, _ in self._key_batches():
             out.extend(keys)
         return out
 
-    def items_sizes(self):
+    def items_sizes(self) -> list[tuple[Key, int]]:
         """A list of (key, logical size in bytes) (see :meth:`scan`)."""
-        out = []
+        out: list[tuple[Key, int]] = []
         for keys, sizes in self._key_batches():
             out.extend(zip(keys, sizes))
         return out
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Key]:
         return (k for k, _ in self.scan())
 
     # ---- mergeable memory -------------------------------------------------
-    def mergeable(self, nbytes):
+    def mergeable(self, nbytes: int) -> memoryview:
         """Writable, zero-filled, page-aligned memory owned by this process
         (a memoryview), which the merger dedups against the store and the
         mergeable memory of other processes, copy-on-write: what this
@@ -502,7 +522,8 @@ class Store:
             raise ValueError("nbytes must be > 0")
         return self._c().mergeable(nbytes)
 
-    def mergeable_array(self, shape, dtype=float):
+    def mergeable_array(self, shape: Union[int, Iterable[int]],
+                        dtype: npt.DTypeLike = float) -> np.ndarray[Any, Any]:
         """A writable numpy array (zeros) on mergeable memory."""
         import numpy as np
         dt = np.dtype(dtype)
@@ -514,7 +535,7 @@ class Store:
         return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
 
     @property
-    def merger(self):
+    def merger(self) -> Merger:
         """This process's merger for the store (see dedupshm.merger.Merger)."""
         if self._merger is None:
             from .merger import Merger
@@ -522,7 +543,7 @@ class Store:
         return self._merger
 
     # ---- housekeeping -------------------------------------------------------
-    def stats(self):
+    def stats(self) -> dict[str, Any]:
         """Counters of the whole store (all processes), as a dict."""
         s = self._c().stats()
         phys, logical = s["physical_bytes"], s["logical_bytes"]
@@ -532,13 +553,13 @@ class Store:
         s["warm_bytes"] = s["pages_free_warm"] * 4096
         return s
 
-    def gc(self):
+    def gc(self) -> dict[str, Any]:
         """Reclaim what dead processes left: their references, pins and
         half-written objects, and pickled references past their TTL.  Runs
         by itself too; never needed for correctness."""
         return self._c().gc()
 
-    def check(self):
+    def check(self) -> CheckReport:
         """Check every invariant of the store (reference counts, free and used
         pages, the content index, the bytes of stored pages against their
         fingerprints, the counters).  Returns a :class:`CheckReport`; its
@@ -547,12 +568,12 @@ class Store:
         errors, info = self._c().check()
         return CheckReport(errors, **info)
 
-    def clients(self):
+    def clients(self) -> list[dict[str, Any]]:
         """Attached processes: [{'slot', 'pid', 'handles', 'merged_pages', 'attach_time'}]."""
         return self._c().clients()
 
-    def _fingerprint(self, page):
+    def _fingerprint(self, page: bytes | bytearray | memoryview) -> int:
         return self._c().fingerprint(page)
 
-    def _fingerprint_pages(self, buf):
+    def _fingerprint_pages(self, buf: Buffer) -> int:
         return self._c().fingerprint_pages(buf)

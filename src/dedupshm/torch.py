@@ -24,8 +24,11 @@ A dataset that is a big list of Python objects belongs in a
 :class:`dedupshm.SharedSequence` (``store.put_sequence(items)``), which
 works as a map-style dataset as it is.
 """
+from __future__ import annotations
+
 import uuid
 import warnings
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 import torch.utils.data
@@ -33,17 +36,24 @@ import torch.utils.data
 from . import _attach
 from .pool import check_min_nbytes, pack
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .pool import _Packed
+
+    from .store import Key, ObjectRef, Store
+
 __all__ = ["CachedDataset", "StoreCollate", "put_tensor", "get_tensor",
            "tensor_to_array", "array_to_tensor"]
 
 # dtypes numpy cannot hold: stored as same-width integers, viewed back
-_VIA_INT = {torch.bfloat16: torch.int16}
+_VIA_INT: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
 for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
     if hasattr(torch, _name):
         _VIA_INT[getattr(torch, _name)] = torch.uint8
 
 
-def tensor_to_array(t):
+def tensor_to_array(t: torch.Tensor) -> tuple[Optional[np.ndarray[Any, Any]], Any]:
     """(contiguous numpy array with t's bytes, meta) for a dense CPU tensor;
     (None, None) for tensors that cannot be stored as plain bytes
     (other devices, sparse, quantized, ...)."""
@@ -62,7 +72,7 @@ def tensor_to_array(t):
     return arr, (str(t.dtype).rsplit(".", 1)[-1], bool(t.requires_grad))
 
 
-def array_to_tensor(arr, meta):
+def array_to_tensor(arr: np.ndarray[Any, Any], meta: Any) -> torch.Tensor:
     """The tensor over ``arr``'s memory (zero-copy) with the dtype and
     requires_grad recorded in meta.  A read-only array is copied (torch
     has no read-only tensors); get arrays with ``writable=True`` to stay
@@ -85,14 +95,14 @@ class _TensorBox:
 
     __slots__ = ("arr", "meta")
 
-    def __init__(self, arr, meta):
+    def __init__(self, arr: np.ndarray[Any, Any], meta: Any) -> None:
         self.arr, self.meta = arr, meta
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (array_to_tensor, (self.arr, self.meta))
 
 
-def _box(obj, depth=0):
+def _box(obj: Any, depth: int = 0) -> Any:
     """obj with its CPU tensors replaced by _TensorBox (dicts, lists,
     tuples and namedtuples are walked)."""
     if isinstance(obj, torch.Tensor):
@@ -112,23 +122,23 @@ def _box(obj, depth=0):
     return obj
 
 
-def put_tensor(store, tensor, *, key=None):
+def put_tensor(store: Store, tensor: Any, *, key: Optional[Key] = None) -> ObjectRef:
     """Store a tensor (any structure of tensors, too); returns its ObjectRef."""
     return store.put(_box(tensor), key=key)
 
 
-def get_tensor(store, ref_or_key):
+def get_tensor(store: Store, ref_or_key: Union[ObjectRef, Key]) -> Any:
     """The stored tensor(s), zero-copy over a copy-on-write mapping."""
     return store.get(ref_or_key, writable=True)
 
 
-def _store_of(store):
+def _store_of(store: Union[Store, str]) -> Store:
     if isinstance(store, str):
         return _attach.attached_store(store, None)
     return _attach.check_store(store)
 
 
-class CachedDataset(torch.utils.data.Dataset):
+class CachedDataset(torch.utils.data.Dataset[Any]):
     """A map-style dataset whose samples are decoded once and shared.
 
     ``CachedDataset(dataset, store, prefix=None)``: ``ds[i]`` returns the
@@ -142,35 +152,36 @@ class CachedDataset(torch.utils.data.Dataset):
     (warning once).  The cache lives until :meth:`clear` or the store's
     end."""
 
-    def __init__(self, dataset, store, *, prefix=None):
+    def __init__(self, dataset: Any, store: Union[Store, str], *,
+                 prefix: Optional[str] = None) -> None:
         self.dataset = dataset
         store = _store_of(store)
         self._sid = _attach.store_id(store)
-        self._store = store
+        self._store: Optional[Store] = store
         self.prefix = prefix if prefix is not None else f"dedupshm.cache/{uuid.uuid4().hex}"
         self._warned = False
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["_store"] = None
         return d
 
-    def __setstate__(self, d):
+    def __setstate__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
 
     @property
-    def store(self):
+    def store(self) -> Store:
         if self._store is None or self._store.closed:
             self._store = _attach.attached_store(*self._sid, keep=True)
         return self._store
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.dataset)
 
-    def key(self, index):
+    def key(self, index: int) -> str:
         return f"{self.prefix}/{index}"
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Any:
         store = self.store
         key = self.key(index)
         try:
@@ -189,12 +200,12 @@ class CachedDataset(torch.utils.data.Dataset):
         del sample
         return store.get(key, writable=True)
 
-    def cached(self):
+    def cached(self) -> int:
         """Number of samples in the cache."""
         p = self.prefix + "/"
         return sum(1 for k in self.store.keys() if isinstance(k, str) and k.startswith(p))
 
-    def clear(self):
+    def clear(self) -> None:
         """Delete every cached sample of this prefix."""
         p = self.prefix + "/"
         store = self.store
@@ -211,14 +222,14 @@ class _StoreBatch:
 
     __slots__ = ("packed",)
 
-    def __init__(self, packed):
+    def __init__(self, packed: _Packed) -> None:
         self.packed = packed
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_unpack_batch, (self.packed,))
 
 
-def _unpack_batch(packed):
+def _unpack_batch(packed: _Packed) -> Any:
     return packed.value(False)
 
 
@@ -230,13 +241,14 @@ class StoreCollate:
     the store's pages (copy-on-write).  In the main process itself
     (``num_workers=0``) it only collates."""
 
-    def __init__(self, store, collate_fn=None, *, min_nbytes=64 << 10):
+    def __init__(self, store: Union[Store, str], collate_fn: Optional[Callable[[Any], Any]] = None,
+                 *, min_nbytes: int = 64 << 10) -> None:
         store = _store_of(store)
         self._sid = _attach.store_id(store)
         self._min = check_min_nbytes(min_nbytes)
         self.collate_fn = collate_fn
 
-    def __call__(self, batch):
+    def __call__(self, batch: Any) -> Any:
         fn = self.collate_fn or torch.utils.data.default_collate
         out = fn(batch)
         if torch.utils.data.get_worker_info() is None:
