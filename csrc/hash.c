@@ -116,7 +116,7 @@ static void copy_page_avx2(void *dst, const void *src) {
 }
 #endif
 
-#if defined(__x86_64__)
+#if DS_HAVE_AVX2
 /* stripes_avx2 that also copies what it reads to dst with non-temporal
  * stores: a fresh page is read from memory once, hashed and copied. */
 __attribute__((target("avx2")))
@@ -221,7 +221,7 @@ static uint64_t acc_final(const ds_store *s, const uint64_t acc[8], uint64_t n) 
  * aligned) as ds_copy_page does -- in one read of src where the kernel
  * allows (call ds_copy_done after a batch). */
 uint64_t ds_hash_copy_page(const ds_store *s, void *dst, const void *src) {
-#if defined(__x86_64__)
+#if DS_HAVE_AVX2
     if (g_fused) {
         uint64_t acc[8];
         acc_init(s, acc);

@@ -5,7 +5,7 @@ import contextlib
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
 
 from . import _attach, _decay, serialize
 from ._native import MAX_KEY, Core
@@ -447,6 +447,7 @@ class Store:
         the Python side."""
         core = self._c()
         kb = encode_key(key)                # None is not a key here
+        bufs: Sequence[Any]
         if type(value) is bytes:
             desc, bufs = serialize.BYTES_DESC, (value,)
         else:
