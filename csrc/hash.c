@@ -68,9 +68,12 @@ static void stripes_scalar(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
 }
 
 #if DS_HAVE_AVX2
-__attribute__((target("avx2")))
-static void stripes_avx2(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
-                         const uint64_t sec[8]) {
+/* The AVX2 stripes; with dst, each stripe is also stored there with
+ * non-temporal stores (a fresh page is read from memory once, hashed and
+ * copied).  Inlined into both callers, so the test of dst is free. */
+__attribute__((target("avx2"), always_inline))
+static inline void stripes_avx2_to(uint64_t acc[8], const uint8_t *p, uint8_t *dst,
+                                   uint64_t nstripes, const uint64_t sec[8]) {
     __m256i a0 = _mm256_loadu_si256((const __m256i *)acc);
     __m256i a1 = _mm256_loadu_si256((const __m256i *)(acc + 4));
     __m256i k0 = _mm256_loadu_si256((const __m256i *)sec);
@@ -82,6 +85,11 @@ static void stripes_avx2(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
         _mm_prefetch((const char *)p + DS_PAGE_SIZE, _MM_HINT_T0);
         __m256i d0 = _mm256_loadu_si256((const __m256i *)p);
         __m256i d1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+        if (dst) {
+            _mm256_stream_si256((__m256i *)dst, d0);
+            _mm256_stream_si256((__m256i *)(dst + 32), d1);
+            dst += 64;
+        }
         __m256i x0 = _mm256_xor_si256(d0, k0);
         __m256i x1 = _mm256_xor_si256(d1, k1);
         __m256i m0 = _mm256_mul_epu32(x0, _mm256_srli_epi64(x0, 32));
@@ -96,6 +104,18 @@ static void stripes_avx2(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
     }
     _mm256_storeu_si256((__m256i *)acc, a0);
     _mm256_storeu_si256((__m256i *)(acc + 4), a1);
+}
+
+__attribute__((target("avx2")))
+static void stripes_avx2(uint64_t acc[8], const uint8_t *p, uint64_t nstripes,
+                         const uint64_t sec[8]) {
+    stripes_avx2_to(acc, p, NULL, nstripes, sec);
+}
+
+__attribute__((target("avx2")))
+static void stripes_copy_avx2(uint64_t acc[8], const uint8_t *p, uint8_t *dst,
+                              uint64_t nstripes, const uint64_t sec[8]) {
+    stripes_avx2_to(acc, p, dst, nstripes, sec);
 }
 
 /* Copy one page to a page-aligned destination with non-temporal stores:
@@ -116,38 +136,6 @@ static void copy_page_avx2(void *dst, const void *src) {
 }
 #endif
 
-#if DS_HAVE_AVX2
-/* stripes_avx2 that also copies what it reads to dst with non-temporal
- * stores: a fresh page is read from memory once, hashed and copied. */
-__attribute__((target("avx2")))
-static void stripes_copy_avx2(uint64_t acc[8], const uint8_t *p, uint8_t *dst,
-                              uint64_t nstripes, const uint64_t sec[8]) {
-    __m256i a0 = _mm256_loadu_si256((const __m256i *)acc);
-    __m256i a1 = _mm256_loadu_si256((const __m256i *)(acc + 4));
-    __m256i k0 = _mm256_loadu_si256((const __m256i *)sec);
-    __m256i k1 = _mm256_loadu_si256((const __m256i *)(sec + 4));
-    const __m256i step = _mm256_set1_epi64x((long long)STEP);
-    for (uint64_t i = 0; i < nstripes; i++, p += 64, dst += 64) {
-        _mm_prefetch((const char *)p + DS_PAGE_SIZE, _MM_HINT_T0);
-        __m256i d0 = _mm256_loadu_si256((const __m256i *)p);
-        __m256i d1 = _mm256_loadu_si256((const __m256i *)(p + 32));
-        _mm256_stream_si256((__m256i *)dst, d0);
-        _mm256_stream_si256((__m256i *)(dst + 32), d1);
-        __m256i x0 = _mm256_xor_si256(d0, k0);
-        __m256i x1 = _mm256_xor_si256(d1, k1);
-        __m256i m0 = _mm256_mul_epu32(x0, _mm256_srli_epi64(x0, 32));
-        __m256i m1 = _mm256_mul_epu32(x1, _mm256_srli_epi64(x1, 32));
-        __m256i s0 = _mm256_shuffle_epi32(d0, _MM_SHUFFLE(1, 0, 3, 2));
-        __m256i s1 = _mm256_shuffle_epi32(d1, _MM_SHUFFLE(1, 0, 3, 2));
-        a0 = _mm256_add_epi64(a0, _mm256_add_epi64(s0, m0));
-        a1 = _mm256_add_epi64(a1, _mm256_add_epi64(s1, m1));
-        k0 = _mm256_add_epi64(k0, step);
-        k1 = _mm256_add_epi64(k1, step);
-    }
-    _mm256_storeu_si256((__m256i *)acc, a0);
-    _mm256_storeu_si256((__m256i *)(acc + 4), a1);
-}
-#endif
 
 static void copy_page_plain(void *dst, const void *src) { memcpy(dst, src, DS_PAGE_SIZE); }
 
