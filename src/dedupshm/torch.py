@@ -35,6 +35,7 @@ import pickle
 import uuid
 import warnings
 
+import numpy as np
 import torch
 import torch.utils.data
 
@@ -355,10 +356,12 @@ class _Pickler(pickle.Pickler):
         k = (st.data_ptr(), st.nbytes())
         idx = self.storages.get(k)
         if idx is None:
-            src = _u8(st)
+            src = _u8(st).numpy()
 
             def fill(buf):
-                torch.frombuffer(buf, dtype=torch.uint8).copy_(src)
+                # numpy's copy, not torch's: torch's parallel copy hangs in
+                # a child forked after the parent ran torch threads
+                np.frombuffer(buf, dtype=np.uint8)[:] = src
 
             idx = self.storages[k] = self.writer.buffer(st.nbytes(), fill)
             del src
@@ -384,18 +387,23 @@ class _Unpickler(pickle.Unpickler):
         return t
 
 
+_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError,
+                IndexError, AttributeError, TypeError, OSError)
+
+
 def _read_checkpoint(path, kw):
     def read(f, writer):
         # torch opens the file again: by /proc/self/fd, the very file we opened
         src = f"/proc/self/fd/{f.fileno()}"
+        zipped = os.pread(f.fileno(), 4, 0) == b"PK\x03\x04"
         try:
-            obj = torch.load(src, mmap=True, **kw)
-        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError,
-                IndexError, AttributeError, TypeError) as e:
-            if "mmap can only be used with files saved with" not in str(e):
-                raise _weights.WeightsFileError(
-                    f"{path}: not a loadable torch checkpoint: {e}") from e
-            obj = torch.load(src, **kw)          # legacy format: no mmap, loaded whole
+            # a zip checkpoint (torch >= 1.6) is mapped, not read: one
+            # storage at a time is copied into the store; a legacy one is
+            # loaded whole first
+            obj = torch.load(src, mmap=zipped, **kw)
+        except _LOAD_ERRORS as e:
+            raise _weights.WeightsFileError(
+                f"{path}: not a loadable torch checkpoint: {type(e).__name__}: {e}") from e
         out = io.BytesIO()
         p = _Pickler(out, writer)
         try:
