@@ -212,8 +212,9 @@ def worker(mode, paths, store_name, cfg, seed, conn):
 
 
 def run_workers(modes_paths, store_name, cfg, seed=0):
-    """Start one worker per (mode, paths); returns (physical bytes in
-    workers, [load seconds], [load + first inference seconds], [digests])."""
+    """Start one worker per (mode, paths); returns (physical bytes: the
+    workers' growth + the store's files, [load seconds], [load + first
+    inference seconds], [digests])."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "safetensors.torch", "dedupshm.torch",
                                 "dedupshm.safetensors"])
@@ -239,6 +240,7 @@ def run_workers(modes_paths, store_name, cfg, seed=0):
         after = [_rollup(p.pid) for p in procs]
         mem = sum((a["Anonymous"] - b["Anonymous"]) + (a["Pss_File"] - b["Pss_File"])
                   for a, b in zip(after, before))
+        mem += store_blocks(store_name)        # while the workers still map it
         for c in conns:
             c.send("exit")
         for p in procs:
@@ -421,8 +423,7 @@ def main():
         identical = True
         for mode in OURS + ["dedupshm share_module"] + PEERS:
             with temp_store("w1", capacity=max(4 * one, 256 << 20)) as st:
-                mem, times, _, digests = run_workers([(mode, base_paths)] * W, st.name, cfg)
-                phys = mem + store_blocks(st.name)
+                phys, times, _, digests = run_workers([(mode, base_paths)] * W, st.name, cfg)
             ok = all(d == want for d in digests)
             identical &= ok
             rows.append([mode, fmt_bytes(phys), f"{phys / one:.2f}x", fmt_time(max(times)),
@@ -437,9 +438,8 @@ def main():
             rows = []
             for mode in OURS + PEERS:
                 with temp_store("w2", capacity=max(6 * one, 256 << 20)) as st:
-                    mem, times, _, digests = run_workers([(mode, p) for p in files[v]], st.name,
-                                                         cfg)
-                    phys = mem + store_blocks(st.name)
+                    phys, times, _, digests = run_workers([(mode, p) for p in files[v]],
+                                                          st.name, cfg)
                 ok = digests == wants[v]
                 identical &= ok
                 rows.append([mode, fmt_bytes(phys), f"{phys / ideal[v]:.2f}x",

@@ -429,3 +429,15 @@ def test_zip_member_offsets_are_not_trusted(store, tmp_path):
     with pytest.raises(_weights.WeightsFileError, match="truncated"):
         dnp.load(p, store)
     assert _nothing_stored(store)
+
+
+def test_load_from_a_file_object_dedups_with_the_path_load(store, ckpt):
+    sd = dt.load(ckpt, store)
+    phys = store.stats()["physical_bytes"]
+    with open(ckpt, "rb") as f:
+        sd2 = dt.load(f, store)
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert in_store(sd2["emb.weight"], store.name)
+    assert sd2["head.weight"].untyped_storage().data_ptr() == \
+        sd2["emb.weight"].untyped_storage().data_ptr()
+    assert store.stats()["physical_bytes"] <= phys + 64 * 4096      # page-aligned: same pages

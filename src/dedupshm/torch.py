@@ -391,6 +391,24 @@ _LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyE
                 IndexError, AttributeError, TypeError, OSError)
 
 
+class _PutWriter:
+    """Puts each buffer as an object of its own without a key (for a
+    file-like checkpoint: nothing to recognise it by later); the mapping
+    returned keeps it alive."""
+
+    def __init__(self, store):
+        self.store = store
+        self.buffers = []
+
+    def buffer(self, nbytes, fill):
+        tmp = bytearray(nbytes)
+        fill(memoryview(tmp))
+        ref = self.store.put(tmp)
+        del tmp
+        self.buffers.append(self.store.get(ref, writable=True))
+        return len(self.buffers) - 1
+
+
 def _read_checkpoint(path, kw):
     def read(f, writer):
         # torch opens the file again: by /proc/self/fd, the very file we opened
@@ -431,12 +449,14 @@ def load(f, store, *, verify="sample", **kw):
     :func:`share_module`'s; storages shared in the checkpoint (tied
     weights) stay shared.
 
-    ``f`` is a path; ``weights_only`` defaults to True as in torch.
-    ``map_location`` may only be CPU (move tensors after loading).  A
-    truncated or corrupt file raises ``WeightsFileError`` (a ValueError)
-    and leaves nothing in the store.  A file-like ``f`` is loaded with
-    ``torch.load`` and its tensors put into the store (no manifest: there
-    is no file to recognise)."""
+    ``f`` is a path; ``weights_only`` defaults to True as in torch, other
+    keywords go to ``torch.load``.  ``map_location`` may only be CPU (move
+    tensors after loading).  A truncated or corrupt file raises
+    ``WeightsFileError`` (a ValueError) and leaves nothing in the store.
+    A file-like ``f`` is loaded whole with ``torch.load`` and its storages
+    put into the store one by one, page-aligned (no manifest: there is no
+    file to recognise later).  Storages of at most 2 KiB are packed in the
+    store's index and come back as private copies."""
     store = _store_of(store)
     ml = kw.pop("map_location", None)
     if not (ml in _MAP_CPU or (isinstance(ml, torch.device) and ml.type == "cpu")):
@@ -447,7 +467,12 @@ def load(f, store, *, verify="sample", **kw):
     kw["map_location"] = "cpu"
     if not isinstance(f, (str, bytes, os.PathLike)):
         obj = torch.load(f, **kw)
-        return store.get(store.put(_box(obj)), writable=True)
+        w = _PutWriter(store)
+        out = io.BytesIO()
+        _Pickler(out, w).dump(obj)
+        del obj
+        storages = [_storage_over(b) for b in w.buffers]
+        return _Unpickler(io.BytesIO(out.getvalue()), storages).load()
     path = os.fsdecode(f)
     meta, bufs, _ = _weights.load(store, path, "torch", _read_checkpoint(path, kw),
                                   verify=verify, writable=True)
