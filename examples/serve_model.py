@@ -27,9 +27,7 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -99,28 +97,12 @@ def app(environ, start_response):
 
 
 # ------------------------------------------------------------------ the runner
-
-def pss(pid):
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        return int(re.search(r"^Pss:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
-
-
-def children(pid):
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+# (the process helpers are examples/prefork.py's)
 
 def serve(mode, path, store_name, workers, requests=20):
     """Run gunicorn in ``mode``; returns (workers' total Pss, outputs by x)."""
+    from prefork import _children as children
+    from prefork import free_port, pss
     ready = tempfile.mkdtemp(prefix="serve-ready-")
     port = free_port()
     env = dict(os.environ, SERVE_MODE=mode, SERVE_MODEL=path, SERVE_STORE=store_name,
@@ -194,6 +176,8 @@ def main():
         return
     import multiprocessing as mp
 
+    import prefork
+
     import dedupshm
     tmp = tempfile.mkdtemp(prefix="serve-model-")
     path = os.path.join(tmp, "model.safetensors")
@@ -222,7 +206,7 @@ def main():
         with ctx.Pool(a.workers, initializer=_pool_init, initargs=(path, name)) as pool:
             got = pool.map(_pool_predict, range(20), chunksize=1)
             pids = [p.pid for p in mp.active_children()]      # the pool's workers
-            total = sum(pss(p) for p in pids)
+            total = sum(prefork.pss(p) for p in pids)
         assert [y for _, y in got] == [expect[x] for x in range(20)]
         print(f"forkserver pool: {len(pids)} workers; workers' total Pss "
               f"{total / MiB:.1f} MiB; store still {store.stats()['physical_bytes'] / MiB:.1f} "

@@ -4,6 +4,7 @@ numpy.load read a file into the store once and map it in every later
 process; fine-tunes share their base's pages; a loader SIGKILLed mid-load
 or a truncated/corrupt file leaves nothing half-made; fork, spawn,
 forkserver and DataLoader workers all map one copy."""
+import gc
 import hashlib
 import multiprocessing as mp
 import os
@@ -441,3 +442,28 @@ def test_load_from_a_file_object_dedups_with_the_path_load(store, ckpt):
     assert sd2["head.weight"].untyped_storage().data_ptr() == \
         sd2["emb.weight"].untyped_storage().data_ptr()
     assert store.stats()["physical_bytes"] <= phys + 64 * 4096      # page-aligned: same pages
+
+
+def _inherited_child(sd, q, name, forgotten):
+    torch.set_num_threads(1)
+    assert forgotten.wait(60)
+    net = Net(seed=9)
+    net.load_state_dict(sd, assign=True)
+    q.put((digest(net(IDS)), in_store(sd["emb.weight"], name)))
+
+
+def test_preloaded_weights_survive_fork_and_forget(store, ckpt, procs):
+    """gunicorn --preload: the master loads, forked workers use what they
+    inherited -- even after the master forgets the file and drops its copy."""
+    sd = dt.load(ckpt, store)
+    ctx = mp.get_context("fork")
+    q, forgotten = ctx.Queue(), ctx.Event()
+    ps = [procs.start(ctx, _inherited_child, sd, q, store.name, forgotten) for _ in range(2)]
+    assert dt.forget(ckpt, store) > 0
+    del sd
+    gc.collect()
+    forgotten.set()
+    got = [q.get(timeout=60) for _ in ps]
+    for p in ps:
+        p.join(30)
+    assert got == [(digest(Net()(IDS)), True)] * 2
