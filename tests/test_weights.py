@@ -284,8 +284,10 @@ def test_loader_sigkilled_mid_load_leaves_store_clean(store, ckpt, procs):
     assert committed.wait(90) and in_fill.wait(30)
     os.kill(p.pid, signal.SIGKILL)
     p.join(30)
-    wait_for(lambda: store.gc()["dead_clients"] >= 0 and len(store.clients()) == 1, timeout=20,
-             msg="the killed loader is reaped")
+    def reaped():
+        store.gc()
+        return len(store.clients()) == 1           # only this process is left
+    wait_for(reaped, timeout=20, msg="the killed loader is reaped")
     assert store.check().ok
     leftovers = [k for k in store.keys() if k.startswith(_weights.PREFIX)]
     assert len(leftovers) == 2            # two committed buffers, no manifest, no half buffer
