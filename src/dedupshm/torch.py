@@ -11,6 +11,9 @@ imports torch).
   worker to the main process through the store (only references go
   through the worker's result queue; identical batches share pages).
 * :func:`put_tensor` / :func:`get_tensor` store and map single tensors.
+* :func:`share_module` moves a module's parameters and buffers onto store
+  memory in place; :func:`load` loads a checkpoint into the store once per
+  machine (see dedupshm._weights); every process maps the same pages.
 
 Tensors that come out of the store are zero-copy views of its shared pages
 through a private copy-on-write mapping: torch has no read-only tensors
@@ -26,25 +29,28 @@ works as a map-style dataset as it is.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import io
+import os
+import pickle
 import uuid
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 import torch.utils.data
 
-from . import _attach
+from . import _attach, _weights
 from .pool import check_min_nbytes, pack
-
-if TYPE_CHECKING:
-    import numpy as np
 
     from .pool import _Packed
 
     from .store import Key, ObjectRef, Store
 
 __all__ = ["CachedDataset", "StoreCollate", "put_tensor", "get_tensor",
-           "tensor_to_array", "array_to_tensor"]
+           "tensor_to_array", "array_to_tensor", "share_module", "load", "forget"]
 
 # dtypes numpy cannot hold: stored as same-width integers, viewed back
 _VIA_INT: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
@@ -256,3 +262,235 @@ class StoreCollate:
         store = _attach.attached_store(*self._sid, keep=True)
         return _StoreBatch(pack(out, store, self._min))
 
+
+
+# ---------------------------------------------------------------- weights
+
+def _u8(storage):
+    """A flat uint8 tensor over an untyped storage (no copy)."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+
+
+def _storage_over(buf):
+    """An untyped storage over a memoryview (which it keeps alive)."""
+    if len(buf) == 0:
+        return torch.UntypedStorage(0)
+    return torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
+
+
+def _tensor_on(storage, dtype, offset, shape, stride):
+    return torch.empty(0, dtype=dtype).set_(storage, offset, tuple(shape), tuple(stride))
+
+
+def _trim_heap():
+    """Give freed heap memory back to the OS (glibc keeps large freed
+    chunks below its dynamic mmap threshold in the heap)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def share_module(module, store, *, dedup=True):
+    """Move every parameter and buffer of a CPU ``torch.nn.Module`` onto
+    store memory, in place, and return the module.
+
+    The module, its submodules and their Parameter and buffer objects stay
+    the same objects (only their ``.data`` changes), so ``state_dict()``,
+    ``forward``, optimizers and hooks keep working; tensors that share a
+    storage (tied weights, views) share the new one the same way.  Each
+    storage is put into the store page-aligned, with dedup (unless
+    ``dedup=False``): the same weights shared by other processes, and
+    equal pages of other models, are stored once.  The process's own copy
+    is freed storage by storage, so the extra memory while sharing is one
+    storage at most.  The tensors are then private copy-on-write mappings
+    of the stored pages: reads share them, a write (training, an in-place
+    update) gives the writing process a private copy of the pages it
+    writes; the stored value never changes.
+
+    Raises TypeError for a parameter or buffer that is not a dense CPU
+    tensor (before anything is moved)."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"share_module needs a torch.nn.Module, not {type(module).__name__}")
+    store = _store_of(store)
+    groups = {}                 # storage -> tensors over it, in order
+    seen = set()
+    for mname, m in module.named_modules(remove_duplicate=False):
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                if t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
+                    raise TypeError(f"{mname + '.' if mname else ''}{name}: share_module needs "
+                                    f"dense CPU tensors, not {t.device.type}/{t.layout}"
+                                    f"{' quantized' if t.is_quantized else ''}")
+                st = t.untyped_storage()
+                groups.setdefault((st.data_ptr(), st.nbytes()), []).append(t)
+    for (_, nbytes), tensors in groups.items():
+        if nbytes == 0:
+            continue
+        old = tensors[0].untyped_storage()
+        ref = store.put(memoryview(_u8(old).numpy()), dedup=dedup)
+        new = _storage_over(store.get(ref, writable=True))
+        del ref, old
+        for t in tensors:
+            t.data = _tensor_on(new, t.dtype, t.storage_offset(), t.shape, t.stride())
+    groups.clear()
+    _trim_heap()
+    return module
+
+
+_MAP_CPU = (None, "cpu")
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles a loaded checkpoint's structure with every tensor replaced
+    by a reference to its storage, which it puts into the store."""
+
+    def __init__(self, file, writer):
+        super().__init__(file, protocol=5)
+        self.writer = writer
+        self.storages = {}
+
+    def persistent_id(self, obj):
+        if not isinstance(obj, torch.Tensor):
+            return None
+        if obj.device.type != "cpu" or obj.layout != torch.strided or obj.is_quantized:
+            return None             # pickled by value (rare: sparse, quantized)
+        st = obj.untyped_storage()
+        k = (st.data_ptr(), st.nbytes())
+        idx = self.storages.get(k)
+        if idx is None:
+            src = _u8(st).numpy()
+
+            def fill(buf):
+                # numpy's copy, not torch's: torch's parallel copy hangs in
+                # a child forked after the parent ran torch threads
+                np.frombuffer(buf, dtype=np.uint8)[:] = src
+
+            idx = self.storages[k] = self.writer.buffer(st.nbytes(), fill)
+            del src
+        return ("t", idx, str(obj.dtype).rsplit(".", 1)[-1], obj.storage_offset(),
+                tuple(obj.shape), tuple(obj.stride()), bool(obj.requires_grad),
+                isinstance(obj, torch.nn.Parameter))
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, storages):
+        super().__init__(file)
+        self.storages = storages
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 8 and pid[0] == "t"):
+            raise pickle.UnpicklingError(f"bad tensor reference {pid!r}")
+        _, idx, dtype, offset, shape, stride, requires_grad, is_param = pid
+        t = _tensor_on(self.storages[idx], getattr(torch, dtype), offset, shape, stride)
+        if is_param:
+            return torch.nn.Parameter(t, requires_grad=requires_grad)
+        if requires_grad:
+            t.requires_grad_(True)
+        return t
+
+
+_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError,
+                IndexError, AttributeError, TypeError, OSError)
+
+
+class _PutWriter:
+    """Puts each buffer as an object of its own without a key (for a
+    file-like checkpoint: nothing to recognise it by later); the mapping
+    returned keeps it alive."""
+
+    def __init__(self, store):
+        self.store = store
+        self.buffers = []
+
+    def buffer(self, nbytes, fill):
+        tmp = bytearray(nbytes)
+        fill(memoryview(tmp))
+        ref = self.store.put(tmp)
+        del tmp
+        self.buffers.append(self.store.get(ref, writable=True))
+        return len(self.buffers) - 1
+
+
+def _read_checkpoint(path, kw):
+    def read(f, writer):
+        # torch opens the file again: by /proc/self/fd, the very file we opened
+        src = f"/proc/self/fd/{f.fileno()}"
+        zipped = os.pread(f.fileno(), 4, 0) == b"PK\x03\x04"
+        try:
+            # a zip checkpoint (torch >= 1.6) is mapped, not read: one
+            # storage at a time is copied into the store; a legacy one is
+            # loaded whole first
+            obj = torch.load(src, mmap=zipped, **kw)
+        except _LOAD_ERRORS as e:
+            raise _weights.WeightsFileError(
+                f"{path}: not a loadable torch checkpoint: {type(e).__name__}: {e}") from e
+        out = io.BytesIO()
+        p = _Pickler(out, writer)
+        try:
+            p.dump(obj)
+        except pickle.PicklingError as e:
+            raise _weights.WeightsFileError(f"{path}: cannot hold its content: {e}") from e
+        del obj, p
+        return {"pickle": out.getvalue()}
+    return read
+
+
+def load(f, store, *, verify="sample", **kw):
+    """Like ``torch.load(f, **kw)`` for a checkpoint (a state_dict, or any
+    structure of tensors), with every CPU tensor backed by the store.
+
+    The first process of the store to load a file reads it tensor by
+    tensor straight into the store (``torch.load(mmap=True)`` under the
+    hood, so peak memory is the store's copy plus one storage in flight)
+    and records a manifest; any later load of the same file (same real
+    path, size, mtime, ctime, inode and sampled content -- see
+    dedupshm._weights; ``verify="full"`` hashes the whole file instead) by
+    any process maps the stored tensors without reading the file.  Equal
+    pages of different checkpoints (fine-tunes of one base model) are
+    stored once.  Tensors are private copy-on-write mappings, like
+    :func:`share_module`'s; storages shared in the checkpoint (tied
+    weights) stay shared.
+
+    ``f`` is a path; ``weights_only`` defaults to True as in torch, other
+    keywords go to ``torch.load``.  ``map_location`` may only be CPU (move
+    tensors after loading).  A truncated or corrupt file raises
+    ``WeightsFileError`` (a ValueError) and leaves nothing in the store.
+    A file-like ``f`` is loaded whole with ``torch.load`` and its storages
+    put into the store one by one, page-aligned (no manifest: there is no
+    file to recognise later).  Storages of at most 2 KiB are packed in the
+    store's index and come back as private copies."""
+    store = _store_of(store)
+    ml = kw.pop("map_location", None)
+    if not (ml in _MAP_CPU or (isinstance(ml, torch.device) and ml.type == "cpu")):
+        raise ValueError("dedupshm.torch.load returns CPU tensors on store memory; "
+                         "pass map_location=None or 'cpu' and move them after loading")
+    kw.pop("mmap", None)
+    kw.setdefault("weights_only", True)
+    kw["map_location"] = "cpu"
+    if not isinstance(f, (str, bytes, os.PathLike)):
+        obj = torch.load(f, **kw)
+        w = _PutWriter(store)
+        out = io.BytesIO()
+        _Pickler(out, w).dump(obj)
+        del obj
+        storages = [_storage_over(b) for b in w.buffers]
+        return _Unpickler(io.BytesIO(out.getvalue()), storages).load()
+    path = os.fsdecode(f)
+    meta, bufs, _ = _weights.load(store, path, "torch", _read_checkpoint(path, kw),
+                                  verify=verify, writable=True)
+    storages = [_storage_over(b) for b in bufs]
+    return _Unpickler(io.BytesIO(meta["pickle"]), storages).load()
+
+
+def forget(path, store):
+    """Delete what ``store`` holds of weight files loaded from ``path``
+    (all versions; None: of every file).  Returns the number of keys
+    deleted; processes that map them keep their memory until they let go."""
+    return _weights.forget(_store_of(store), path)
