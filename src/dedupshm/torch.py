@@ -45,8 +45,8 @@ import torch.utils.data
 from . import _attach, _weights
 from .pool import check_min_nbytes, pack
 
+if TYPE_CHECKING:
     from .pool import _Packed
-
     from .store import Key, ObjectRef, Store
 
 __all__ = ["CachedDataset", "StoreCollate", "put_tensor", "get_tensor",
