@@ -44,7 +44,9 @@ import multiprocessing
 import multiprocessing.pool
 import pickle
 import sys
+import threading
 import weakref
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
@@ -228,22 +230,28 @@ def pack(obj, store, min_nbytes=DEFAULT_MIN_NBYTES):
 
 class _Task:
     """The function a worker runs: unpacks its argument, calls the user's
-    function, packs the result.  Picklable (the store travels by name)."""
+    function, packs the result.  Picklable (the store travels by name).
+    ``encoding_error``: a result that cannot be pickled raises
+    multiprocessing's MaybeEncodingError (what a Pool's worker reports),
+    else the pickling error itself (what an executor's worker reports)."""
 
-    __slots__ = ("func", "name", "directory", "min_nbytes", "writable", "mode")
+    __slots__ = ("func", "name", "directory", "min_nbytes", "writable", "mode", "encoding_error")
 
-    def __init__(self, func, store, min_nbytes, writable, mode):
+    def __init__(self, func, store, min_nbytes, writable, mode, encoding_error=False):
         self.func = func
         self.name, self.directory = _store_id(store)
         self.min_nbytes = min_nbytes
         self.writable = writable
         self.mode = mode               # "one": f(x), "star": f(*x), "apply": f(*a, **kw)
+        self.encoding_error = encoding_error
 
     def __getstate__(self):
-        return (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode)
+        return (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode,
+                self.encoding_error)
 
     def __setstate__(self, state):
-        (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode) = state
+        (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode,
+         self.encoding_error) = state
 
     def __call__(self, packed):
         _attached(self.name, self.directory, keep=True)
@@ -259,7 +267,13 @@ class _Task:
             del args, kwargs
         arg = packed = None                 # the argument's values are let go of here
         store = _attached(self.name, self.directory, keep=True)
-        packed = pack(result, store, self.min_nbytes)
+        if not self.encoding_error:
+            packed = pack(result, store, self.min_nbytes)
+        else:
+            try:
+                packed = pack(result, store, self.min_nbytes)
+            except Exception as e:  # noqa: BLE001 - reported as multiprocessing does
+                raise multiprocessing.pool.MaybeEncodingError(e, result) from None
         del result                          # before the message goes back
         return packed
 
@@ -328,38 +342,45 @@ class _ResultIterator:
     __next__ = next
 
 
-class Pool:
+class Pool(multiprocessing.pool.Pool):
     """A :class:`multiprocessing.pool.Pool` whose large arguments and
     results travel through ``store`` (see the module docstring).
 
-    ``Pool(processes=None, *, store, min_nbytes=1 MiB, writable=False,
-    initializer=None, initargs=(), maxtasksperchild=None, context=None)``.
-    Values of at least ``min_nbytes`` bytes travel by reference; they
-    arrive read-only unless ``writable`` (then copy-on-write)."""
+    ``Pool(processes=None, initializer=None, initargs=(),
+    maxtasksperchild=None, context=None, *, store, min_nbytes=1 MiB,
+    writable=False)``.  Values of at least ``min_nbytes`` bytes travel by
+    reference; they arrive read-only unless ``writable`` (then
+    copy-on-write).  A subclass of multiprocessing's Pool: everything else
+    (lifecycle, ``with``, errors, the ResourceWarning of a pool never
+    closed) is multiprocessing's.  A result that cannot be pickled raises
+    :class:`multiprocessing.pool.MaybeEncodingError`, as there."""
 
-    def __init__(self, processes=None, *, store, min_nbytes=DEFAULT_MIN_NBYTES,
-                 writable=False, **kw):
-        self._store = _check_store(store)
-        self._min = _check_min(min_nbytes)
-        self._writable = bool(writable)
-        self._pool = multiprocessing.pool.Pool(processes, **kw)
+    def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
+                 context=None, *, store, min_nbytes=DEFAULT_MIN_NBYTES, writable=False):
+        self._state = multiprocessing.pool.INIT     # what __del__ reads if we raise here
+        self._ds_store = _check_store(store)
+        self._ds_min = _check_min(min_nbytes)
+        self._ds_writable = bool(writable)
+        super().__init__(processes, initializer, initargs, maxtasksperchild, context)
 
     @property
     def store(self):
-        return self._store
+        return self._ds_store
 
     def _task(self, func, mode):
-        return _Task(func, self._store, self._min, self._writable, mode)
+        return _Task(func, self._ds_store, self._ds_min, self._ds_writable, mode,
+                     encoding_error=True)
 
     def _pack_all(self, iterable):
-        p = _Packer(self._store, self._min)
+        self._check_running()           # before anything goes into the store
+        p = _Packer(self._ds_store, self._ds_min)
         try:
             return [p.pack(x) for x in iterable]
         finally:
             p.close()
 
     def _pack_lazily(self, iterable):
-        p = _Packer(self._store, self._min)
+        p = _Packer(self._ds_store, self._ds_min)
         try:
             for x in iterable:
                 yield p.pack(x)
@@ -380,7 +401,7 @@ class Pool:
     def _callbacks(self, callback, error_callback, many):
         if callback is None:
             return None
-        writable = self._writable
+        writable = self._ds_writable
 
         def cb(v):
             try:
@@ -394,51 +415,32 @@ class Pool:
 
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
         packed = self._pack_all([(tuple(args), dict(kwds))])[0]
-        r = self._pool.apply_async(self._task(func, "apply"), (packed,), {},
-                                   self._callbacks(callback, error_callback, False), error_callback)
-        return AsyncResult(r, self._writable, False)
+        r = super().apply_async(self._task(func, "apply"), (packed,), {},
+                                self._callbacks(callback, error_callback, False), error_callback)
+        return AsyncResult(r, self._ds_writable, False)
 
     def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
         packed = self._pack_all(iterable)
-        r = self._pool.map_async(self._task(func, "one"), packed, chunksize,
-                                 self._callbacks(callback, error_callback, True), error_callback)
-        return AsyncResult(r, self._writable, True)
+        r = super().map_async(self._task(func, "one"), packed, chunksize,
+                              self._callbacks(callback, error_callback, True), error_callback)
+        return AsyncResult(r, self._ds_writable, True)
 
     def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
         packed = self._pack_all(iterable)
-        r = self._pool.map_async(self._task(func, "star"), packed, chunksize,
-                                 self._callbacks(callback, error_callback, True), error_callback)
-        return AsyncResult(r, self._writable, True)
+        r = super().map_async(self._task(func, "star"), packed, chunksize,
+                              self._callbacks(callback, error_callback, True), error_callback)
+        return AsyncResult(r, self._ds_writable, True)
 
     def imap(self, func, iterable, chunksize=1):
-        it = self._pool.imap(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
-        return _ResultIterator(it, self._writable)
+        self._check_running()
+        it = super().imap(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
+        return _ResultIterator(it, self._ds_writable)
 
     def imap_unordered(self, func, iterable, chunksize=1):
-        it = self._pool.imap_unordered(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
-        return _ResultIterator(it, self._writable)
-
-    # -- lifecycle
-    def close(self):
-        self._pool.close()
-
-    def terminate(self):
-        self._pool.terminate()
-
-    def join(self):
-        self._pool.join()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.terminate()
-
-    def __reduce__(self):
-        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
-
-    def __repr__(self):
-        return f"<dedupshm.pool.Pool over {self._store.name!r} {self._pool!r}>"
+        self._check_running()
+        it = super().imap_unordered(self._task(func, "one"), self._pack_lazily(iterable),
+                                    chunksize)
+        return _ResultIterator(it, self._ds_writable)
 
 
 # ---------------------------------------------------------------- ProcessPoolExecutor
@@ -454,6 +456,9 @@ class _Future(cf.Future):
 
     def cancel(self):
         return self._inner.cancel()
+
+    def running(self):
+        return not self.done() and self._inner.running()
 
     def _copy(self, f):
         if f.cancelled():
@@ -473,47 +478,54 @@ class _Future(cf.Future):
             self.set_result(v)
 
 
-class ProcessPoolExecutor(cf.Executor):
+class ProcessPoolExecutor(cf.ProcessPoolExecutor):
     """A :class:`concurrent.futures.ProcessPoolExecutor` whose large
     arguments and results travel through ``store`` (see the module
-    docstring).  Other keywords (``mp_context``, ``initializer``,
-    ``initargs``, ``max_tasks_per_child``) go to the executor."""
+    docstring).  ``ProcessPoolExecutor(max_workers=None, mp_context=None,
+    initializer=None, initargs=(), *, store, min_nbytes=1 MiB,
+    writable=False, max_tasks_per_child=None)``.  A subclass of the
+    standard executor: shutdown, ``with``, BrokenProcessPool when a worker
+    dies are the standard ones.  Within one ``map()`` call the same object
+    is put into the store once."""
 
-    def __init__(self, max_workers=None, *, store, min_nbytes=DEFAULT_MIN_NBYTES,
-                 writable=False, **kw):
-        self._store = _check_store(store)
-        self._min = _check_min(min_nbytes)
-        self._writable = bool(writable)
-        self._executor = cf.ProcessPoolExecutor(max_workers, **kw)
+    def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
+                 store, min_nbytes=DEFAULT_MIN_NBYTES, writable=False, **kw):
+        self._ds_store = _check_store(store)
+        self._ds_min = _check_min(min_nbytes)
+        self._ds_writable = bool(writable)
+        self._ds_local = threading.local()       # the packer of a map() call in progress
+        super().__init__(max_workers, mp_context, initializer, initargs, **kw)
 
     @property
     def store(self):
-        return self._store
+        return self._ds_store
 
     def submit(self, fn, /, *args, **kwargs):
-        packed = pack((args, kwargs), self._store, self._min)
-        inner = self._executor.submit(_Task(fn, self._store, self._min, self._writable, "apply"),
-                                      packed)
-        return _Future(inner, self._writable)
+        # refuse before anything goes into the store (the standard checks)
+        if self._broken:
+            raise BrokenProcessPool(self._broken)
+        if self._shutdown_thread:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        packer = getattr(self._ds_local, "packer", None)
+        if packer is not None:
+            packed = packer.pack((args, kwargs))
+        else:
+            packed = pack((args, kwargs), self._ds_store, self._ds_min)
+        task = _Task(fn, self._ds_store, self._ds_min, self._ds_writable, "apply")
+        return _Future(super().submit(task, packed), self._ds_writable)
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1):
-        p = _Packer(self._store, self._min)
+    submit.__doc__ = cf.Executor.submit.__doc__
+
+    def map(self, fn, *iterables, **kw):
+        # the standard map (chunks, timeout) submits every chunk now,
+        # through submit() above: one packer for the whole call
+        local = self._ds_local
+        local.packer = _Packer(self._ds_store, self._ds_min)
         try:
-            packed = [p.pack(args) for args in zip(*iterables)]
+            return super().map(fn, *iterables, **kw)
         finally:
-            p.close()
-        it = self._executor.map(_Task(fn, self._store, self._min, self._writable, "star"),
-                                packed, timeout=timeout, chunksize=chunksize)
-        del packed
-        writable = self._writable
-
-        def results():
-            for v in it:
-                yield _unpacked(v, writable)
-        return results()
-
-    def shutdown(self, wait=True, *, cancel_futures=False):
-        self._executor.shutdown(wait, cancel_futures=cancel_futures)
+            local.packer.close()
+            local.packer = None
 
 
 # ---------------------------------------------------------------- Queue
