@@ -5,7 +5,7 @@
 :class:`concurrent.futures.ProcessPoolExecutor` and :class:`Queue` a
 drop-in :class:`multiprocessing.Queue`, except that every numpy array,
 bytes-like object (and CPU torch tensor, when torch is imported) of at least
-``min_nbytes`` -- the argument itself or anywhere inside it: in tuples,
+``min_nbytes`` (and at least 64 bytes) -- the argument itself or anywhere inside it: in tuples,
 lists, dicts, or attributes of any picklable object -- is put into the
 store by the sender and read zero-copy by the receiver.  Only a reference
 (about a hundred bytes) goes through the pipe.  Both ways: arguments to
@@ -57,6 +57,12 @@ __all__ = ["Pool", "ProcessPoolExecutor", "Queue", "pack", "DEFAULT_MIN_NBYTES"]
 
 #: Values of at least this many bytes travel through the store by default.
 DEFAULT_MIN_NBYTES = 1 << 20
+
+# Values under this many bytes always travel inline, whatever min_nbytes
+# says: a reference is bigger than they are, and the ObjectRef inside a
+# reference pickles a 16-byte store id, which must not itself be diverted
+# into the store (that would recurse without end).
+_INLINE_BELOW = 64
 
 # ---------------------------------------------------------------- stores
 # Store objects by name (what a message carries) come from the one attach
@@ -124,7 +130,7 @@ class _Packer:
 
     def persistent_id(self, obj):
         kind, n = _classify(obj)
-        if kind is None or n < self.min_nbytes:
+        if kind is None or n < self.min_nbytes or n < _INLINE_BELOW:
             return None
         ref = self._recall(obj)
         meta = None
