@@ -7,6 +7,7 @@ Start method: $DEDUPSHM_TEST_START_METHOD (default fork)."""
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -46,6 +47,20 @@ def wait_file(path, deadline_s=30):
             raise TimeoutError(path)
         time.sleep(0.01)
     return os.getpid()
+
+
+def _raise_value_error():
+    raise ValueError("cannot unpickle this")
+
+
+class ErrorAtPickle:
+    def __reduce__(self):
+        raise pickle.PicklingError("cannot pickle this")
+
+
+class ErrorAtUnpickle:
+    def __reduce__(self):
+        return _raise_value_error, ()
 
 
 def unpicklable_result():
@@ -257,3 +272,26 @@ def test_cancel_a_pending_future(make_executor, tmp_path):
         go.touch()
         assert blocker.result(timeout=30) > 0
         assert [f.result(timeout=30) for f in queued[:-1]] == [i * i for i in range(9)]
+
+
+def test_argument_that_cannot_be_pickled_fails_its_future(make_executor):
+    with make_executor() as ex:
+        f = ex.submit(id, ErrorAtPickle())
+        with pytest.raises(pickle.PicklingError):
+            f.result(timeout=30)
+        assert ex.submit(square, 3).result(timeout=30) == 9
+
+
+def test_argument_that_cannot_be_unpickled(make_executor):
+    """Ours: that future fails with the error and the pool goes on (the
+    argument is unpickled inside the task); the standard executor's worker
+    dies on it and the pool is broken."""
+    ex = make_executor()
+    f = ex.submit(id, ErrorAtUnpickle())
+    if make_executor.ours:
+        with pytest.raises(ValueError, match="cannot unpickle"):
+            f.result(timeout=60)
+        assert ex.submit(square, 3).result(timeout=30) == 9
+    else:
+        with pytest.raises(BrokenProcessPool):
+            f.result(timeout=60)

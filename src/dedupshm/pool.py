@@ -492,7 +492,14 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor):
     writable=False, max_tasks_per_child=None)``.  A subclass of the
     standard executor: shutdown, ``with``, BrokenProcessPool when a worker
     dies are the standard ones.  Within one ``map()`` call the same object
-    is put into the store once."""
+    is put into the store once.
+
+    Arguments are pickled by ``submit()`` itself (into the store and a
+    message); one that cannot be pickled fails its future, as in the
+    standard executor.  Unlike there, arguments that cannot be *unpickled*
+    in the worker, or a result that cannot be unpickled here, fail that
+    future alone with the error (the standard executor breaks the whole
+    pool: BrokenProcessPool)."""
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
                  store, min_nbytes=DEFAULT_MIN_NBYTES, writable=False, **kw):
@@ -513,10 +520,15 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor):
         if self._shutdown_thread:
             raise RuntimeError("cannot schedule new futures after shutdown")
         packer = getattr(self._ds_local, "packer", None)
-        if packer is not None:
-            packed = packer.pack((args, kwargs))
-        else:
-            packed = pack((args, kwargs), self._ds_store, self._ds_min)
+        try:
+            if packer is not None:
+                packed = packer.pack((args, kwargs))
+            else:
+                packed = pack((args, kwargs), self._ds_store, self._ds_min)
+        except Exception as e:  # noqa: BLE001 - the standard executor fails the future
+            failed = cf.Future()
+            failed.set_exception(e)
+            return failed
         task = _Task(fn, self._ds_store, self._ds_min, self._ds_writable, "apply")
         return _Future(super().submit(task, packed), self._ds_writable)
 
