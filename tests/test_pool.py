@@ -304,3 +304,27 @@ def test_min_nbytes_1_small_buffers(tstore):
     assert [bytes(v) for v in out] == [bytes(v) for v in values]
     assert isinstance(out[3], memoryview)               # travelled (a small value: a copy)
     assert isinstance(out[4], memoryview) and in_store(out[4], tstore.name)
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise pickle.PicklingError("cannot pickle this")
+
+
+def test_unpicklable_arguments_fail_the_result(tstore):
+    """As in multiprocessing: the *_async call returns, its result (and
+    error_callback) carries the pickling error; the pool goes on."""
+    for pool_cls, kw in ((Pool, {"store": tstore}), (mp.pool.Pool, {})):
+        with pool_cls(1, context=CTX, **kw) as pool:
+            errors = []
+            r = pool.apply_async(echo, (_Unpicklable(),), error_callback=errors.append)
+            with pytest.raises(pickle.PicklingError):
+                r.get(timeout=30)
+            m = pool.map_async(echo, [1, _Unpicklable()], error_callback=errors.append)
+            with pytest.raises(pickle.PicklingError):
+                m.get(timeout=30)
+            deadline = time.monotonic() + 30
+            while len(errors) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [type(e) for e in errors] == [pickle.PicklingError] * 2, pool_cls
+            assert pool.apply(echo, (5,)) == 5

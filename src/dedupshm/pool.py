@@ -329,6 +329,31 @@ class AsyncResult:
         return self._inner.successful()
 
 
+class _FailedResult:
+    """The result of a call whose arguments could not be pickled."""
+
+    def __init__(self, exc):
+        self._exc = exc
+
+    def get(self, timeout=None):
+        raise self._exc
+
+    def wait(self, timeout=None):
+        pass
+
+    def ready(self):
+        return True
+
+    def successful(self):
+        return False
+
+
+def _failed(exc, error_callback):
+    if error_callback is not None:
+        error_callback(exc)
+    return _FailedResult(exc)
+
+
 class _ResultIterator:
     """Like multiprocessing.pool.IMapIterator; yields unpacked values."""
 
@@ -378,10 +403,16 @@ class Pool(multiprocessing.pool.Pool):
                      encoding_error=True)
 
     def _pack_all(self, iterable):
+        """The packed messages, or the exception packing raised.  As in
+        multiprocessing: a closed pool and an iterable that raises raise
+        here; a value that cannot be pickled fails the call's result."""
         self._check_running()           # before anything goes into the store
+        items = iterable if hasattr(iterable, "__len__") else list(iterable)
         p = _Packer(self._ds_store, self._ds_min)
         try:
-            return [p.pack(x) for x in iterable]
+            return [p.pack(x) for x in items]
+        except Exception as e:  # noqa: BLE001 - delivered through the result
+            return e
         finally:
             p.close()
 
@@ -420,19 +451,26 @@ class Pool(multiprocessing.pool.Pool):
         return cb
 
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
-        packed = self._pack_all([(tuple(args), dict(kwds))])[0]
+        packed = self._pack_all([(tuple(args), dict(kwds))])
+        if isinstance(packed, Exception):
+            return _failed(packed, error_callback)
+        packed = packed[0]
         r = super().apply_async(self._task(func, "apply"), (packed,), {},
                                 self._callbacks(callback, error_callback, False), error_callback)
         return AsyncResult(r, self._ds_writable, False)
 
     def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
         packed = self._pack_all(iterable)
+        if isinstance(packed, Exception):
+            return _failed(packed, error_callback)
         r = super().map_async(self._task(func, "one"), packed, chunksize,
                               self._callbacks(callback, error_callback, True), error_callback)
         return AsyncResult(r, self._ds_writable, True)
 
     def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
         packed = self._pack_all(iterable)
+        if isinstance(packed, Exception):
+            return _failed(packed, error_callback)
         r = super().map_async(self._task(func, "star"), packed, chunksize,
                               self._callbacks(callback, error_callback, True), error_callback)
         return AsyncResult(r, self._ds_writable, True)
