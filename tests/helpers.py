@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import time
+import uuid
 
 import numpy as np
 
@@ -268,3 +269,22 @@ def wait_objects(store, n, timeout=10):
         if got == n or time.monotonic() > deadline:
             return got
         time.sleep(0.05)
+
+
+def class_store(tag):
+    """A fresh 64 MiB store for a unittest class (setUpClass); end it with
+    drop_class_store."""
+    import dedupshm
+    return dedupshm.Store(f"{tag}{os.getpid()}-{uuid.uuid4().hex[:10]}", create=True,
+                          capacity="64MiB")
+
+
+def drop_class_store(store):
+    """gc(), check(), unlink() and close() a class_store; raise if check()
+    found errors."""
+    gc.collect()
+    store.gc()
+    errors = list(store.check().errors)
+    store.unlink()
+    store.close()
+    assert not errors, errors

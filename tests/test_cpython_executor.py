@@ -12,17 +12,15 @@ process-pool mixin for $DEDUPSHM_TEST_START_METHOD (default fork):
   them: ours must pass wherever these pass.
 """
 import functools
-import gc
 import importlib
 import inspect
 import os
 import unittest
-import uuid
 
 import pytest
 
-import dedupshm
 from dedupshm.pool import ProcessPoolExecutor
+from helpers import class_store, drop_class_store
 
 START_METHOD = os.environ.get("DEDUPSHM_TEST_START_METHOD", "fork")
 
@@ -85,8 +83,7 @@ class StoreProcessPoolExecutor(ProcessPoolExecutor):
 class _WithStore:
     @classmethod
     def setUpClass(cls):
-        name = f"tce{os.getpid()}-{uuid.uuid4().hex[:10]}"
-        StoreProcessPoolExecutor.store = dedupshm.Store(name, create=True, capacity="64MiB")
+        StoreProcessPoolExecutor.store = class_store("tce")
         super().setUpClass()
 
     @classmethod
@@ -95,10 +92,7 @@ class _WithStore:
             super().tearDownClass()
         finally:
             store, StoreProcessPoolExecutor.store = StoreProcessPoolExecutor.store, None
-            gc.collect()
-            store.gc()
-            store.unlink()
-            store.close()
+            drop_class_store(store)
 
 
 if util is None:

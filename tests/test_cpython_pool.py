@@ -18,8 +18,6 @@ interpreter ships without it) and its Pool classes are subclassed twice:
 Start method: $DEDUPSHM_TEST_START_METHOD (default fork), passed to both
 pools as their context.
 """
-import functools
-import gc
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -32,8 +30,8 @@ import uuid
 
 import pytest
 
-import dedupshm
 from dedupshm.pool import Pool as DedupshmPool
+from helpers import class_store, drop_class_store
 
 try:
     import test._test_multiprocessing as cpython
@@ -95,8 +93,7 @@ class _OursMixin(_PoolUnderTest):
 
     @classmethod
     def setUpClass(cls):
-        name = f"tcp{os.getpid()}-{uuid.uuid4().hex[:10]}"
-        cls.store = dedupshm.Store(name, create=True, capacity="64MiB")
+        cls.store = class_store("tcp")
         super().setUpClass()
 
     @classmethod
@@ -105,12 +102,7 @@ class _OursMixin(_PoolUnderTest):
             super().tearDownClass()
         finally:
             store, cls.store = cls.store, None
-            gc.collect()
-            store.gc()
-            errors = list(store.check().errors)
-            store.unlink()
-            store.close()
-            assert not errors, errors
+            drop_class_store(store)
 
     @classmethod
     def make_pool(cls, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
