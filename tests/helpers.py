@@ -271,20 +271,29 @@ def wait_objects(store, n, timeout=10):
         time.sleep(0.05)
 
 
-def class_store(tag):
-    """A fresh 64 MiB store for a unittest class (setUpClass); end it with
-    drop_class_store."""
-    import dedupshm
-    return dedupshm.Store(f"{tag}{os.getpid()}-{uuid.uuid4().hex[:10]}", create=True,
-                          capacity="64MiB")
+class ClassStore:
+    """Mixin for unittest classes: a fresh 64 MiB store in ``cls.store``
+    for the class's tests (set up first, gc()ed, check()ed -- errors fail
+    the class -- and unlinked last)."""
+    store = None
+    store_tag = "tc"
 
+    @classmethod
+    def setUpClass(cls):
+        import dedupshm
+        cls.store = dedupshm.Store(f"{cls.store_tag}{os.getpid()}-{uuid.uuid4().hex[:10]}",
+                                   create=True, capacity="64MiB")
+        super().setUpClass()
 
-def drop_class_store(store):
-    """gc(), check(), unlink() and close() a class_store; raise if check()
-    found errors."""
-    gc.collect()
-    store.gc()
-    errors = list(store.check().errors)
-    store.unlink()
-    store.close()
-    assert not errors, errors
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            super().tearDownClass()
+        finally:
+            store, cls.store = cls.store, None
+            gc.collect()
+            store.gc()
+            errors = list(store.check().errors)
+            store.unlink()
+            store.close()
+            assert not errors, errors

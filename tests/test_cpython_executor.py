@@ -20,7 +20,7 @@ import unittest
 import pytest
 
 from dedupshm.pool import ProcessPoolExecutor
-from helpers import class_store, drop_class_store
+from helpers import ClassStore
 
 START_METHOD = os.environ.get("DEDUPSHM_TEST_START_METHOD", "fork")
 
@@ -73,26 +73,20 @@ def _xfail(func, reason):
 
 
 class StoreProcessPoolExecutor(ProcessPoolExecutor):
-    """Our executor with the store of the test class that runs."""
-    store = None
+    """Our executor over the store of the test class that runs."""
+    test_class = None
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, store=type(self).store, min_nbytes=1, **kwargs)
+        super().__init__(*args, store=type(self).test_class.store, min_nbytes=1, **kwargs)
 
 
-class _WithStore:
+class _WithStore(ClassStore):
+    store_tag = "tce"
+
     @classmethod
     def setUpClass(cls):
-        StoreProcessPoolExecutor.store = class_store("tce")
+        StoreProcessPoolExecutor.test_class = cls
         super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls):
-        try:
-            super().tearDownClass()
-        finally:
-            store, StoreProcessPoolExecutor.store = StoreProcessPoolExecutor.store, None
-            drop_class_store(store)
 
 
 if util is None:

@@ -31,7 +31,7 @@ import uuid
 import pytest
 
 from dedupshm.pool import Pool as DedupshmPool
-from helpers import class_store, drop_class_store
+from helpers import ClassStore
 
 try:
     import test._test_multiprocessing as cpython
@@ -88,21 +88,8 @@ class _PoolUnderTest:
         return cls.make_pool(*args, **kwargs)
 
 
-class _OursMixin(_PoolUnderTest):
-    store = None
-
-    @classmethod
-    def setUpClass(cls):
-        cls.store = class_store("tcp")
-        super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls):
-        try:
-            super().tearDownClass()
-        finally:
-            store, cls.store = cls.store, None
-            drop_class_store(store)
+class _OursMixin(ClassStore, _PoolUnderTest):
+    store_tag = "tcp"
 
     @classmethod
     def make_pool(cls, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
