@@ -2,11 +2,13 @@
 `record` + `plot`, `serve-metrics` (Prometheus), `put`/`get`, `demo --record`.
 
 Every command runs as a real subprocess against a real store in /dev/shm."""
+import contextlib
 import csv
 import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,30 +111,48 @@ def test_top_quits_on_ctrl_c(filled, spawned):
     assert "Traceback" not in (child.before or "")
 
 
-# a script's background job: no job control, so the shell starts `top` with
-# SIGINT ignored and stdin from /dev/null, in the terminal's foreground
-# process group (the shell ignores SIGINT itself, so it stays to report)
-_BACKGROUND_JOB = ('trap "" INT; "$0" -m dedupshm top "$1" --interval 0.2 & pid=$!; '
-                   'wait $pid; echo "top-exit=$?"; sleep 2')
+# How `top` can be started without a plain foreground Ctrl-C reaching it; the
+# shell ignores SIGINT itself (trap), so it stays to report top's exit status.
+# - a script's background job: no job control, so `top` starts with SIGINT
+#   ignored and stdin from /dev/null, in the terminal's foreground group;
+# - setsid: a session of its own, the terminal is not its controlling one
+#   (the terminal's Ctrl-C signals another process group).
+_STARTS = {
+    "background_job": ('trap "" INT; "$0" -m dedupshm top "$1" --interval 0.2 & pid=$!; '
+                       'wait $pid; echo "top-exit=$?"; sleep 2'),
+    "setsid": ('trap "" INT; setsid -w "$0" -m dedupshm top "$1" --interval 0.2; '
+               'echo "top-exit=$?"; sleep 2'),
+}
 
 
 @pytest.mark.limit(30)
+@pytest.mark.parametrize("start", sorted(_STARTS))
 @pytest.mark.parametrize("key", ["ctrl_c", "q"])
-def test_top_started_as_a_background_job_quits(filled, spawned, key):
+def test_top_started_without_the_terminal_quits(filled, spawned, start, key):
     s, name = filled
+    if start == "setsid" and shutil.which("setsid") is None:
+        pytest.skip("no setsid(1) here")
     env = dict(os.environ, TERM="xterm-256color", COLUMNS="80", LINES="24")
-    child = pexpect.spawn("sh", ["-c", _BACKGROUND_JOB, sys.executable, name], env=env,
+    child = pexpect.spawn("sh", ["-c", _STARTS[start], sys.executable, name], env=env,
                           dimensions=(24, 80), encoding="utf-8", codec_errors="replace",
                           timeout=10)
     spawned.append(child)
-    child.expect_exact("alpha-key")
-    if key == "q":
-        child.send("q")
-    else:
-        child.sendintr()
-    child.expect(r"top-exit=(\d+)", timeout=5)
-    assert child.match.group(1) == "0"
-    assert "Traceback" not in (child.before or "")
+    try:
+        child.expect_exact("alpha-key")
+        if key == "q":
+            child.send("q")
+        else:
+            child.sendintr()
+        child.expect(r"top-exit=(\d+)", timeout=5)
+        assert child.match.group(1) == "0"
+        assert "Traceback" not in (child.before or "")
+    finally:
+        # a `top` that did not quit is outside the pty's session: it is
+        # attached to the store, so the store names it
+        for c in s.clients():
+            if c["pid"] != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c["pid"], signal.SIGKILL)
 
 
 @pytest.mark.limit(30)

@@ -286,6 +286,14 @@ class _Keys:
             self.old = termios.tcgetattr(fd)
             tty.setcbreak(fd)
             self.fd = fd
+            try:
+                os.tcgetpgrp(fd)
+            except OSError:
+                # not our controlling terminal (started under setsid): its
+                # Ctrl-C would signal another process group; read it as a key
+                attrs = termios.tcgetattr(fd)
+                attrs[3] &= ~termios.ISIG
+                termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
         except (OSError, ValueError, AttributeError, ImportError):
             self.fd = None
             if self._own_fd is not None:
