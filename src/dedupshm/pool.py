@@ -1,13 +1,14 @@
 """Process pools and queues whose large values travel through a Store.
 
-:class:`Pool` is a drop-in :class:`multiprocessing.pool.Pool`,
-:class:`ProcessPoolExecutor` a drop-in
-:class:`concurrent.futures.ProcessPoolExecutor` and :class:`Queue` a
-drop-in :class:`multiprocessing.Queue`, except that every numpy array,
-bytes-like object (and CPU torch tensor, when torch is imported) of at least
-``min_nbytes`` (and at least 64 bytes) -- the argument itself or anywhere inside it: in tuples,
-lists, dicts, or attributes of any picklable object -- is put into the
-store by the sender and read zero-copy by the receiver.  Only a reference
+:class:`Pool` is a drop-in :class:`multiprocessing.pool.Pool` (a
+subclass), :class:`ProcessPoolExecutor` a drop-in
+:class:`concurrent.futures.ProcessPoolExecutor` (a subclass) and
+:class:`Queue` a drop-in :class:`multiprocessing.Queue`, except that every
+numpy array, bytes-like object (and CPU torch tensor, when torch is
+imported) of at least ``min_nbytes`` (and at least 64 bytes) -- the
+argument itself or anywhere inside it: in tuples, lists, dicts, or
+attributes of any picklable object -- is put into the store by the sender
+and read zero-copy by the receiver.  Only a reference
 (about a hundred bytes) goes through the pipe.  Both ways: arguments to
 the workers, results back.
 
