@@ -1,6 +1,6 @@
 """Shared helpers of the dedupshm benchmarks.
 
-Conventions (see shared/DESIGN.md, "Traps"):
+Conventions (why: docs/ARCHITECTURE.md, "Measured costs the design follows"):
   * time.perf_counter_ns, medians of several runs, warm-up iterations;
   * cold (fresh memory / fresh store) and warm (reused, already faulted
     memory) are reported separately;

@@ -11,7 +11,7 @@
  * still backed ("warm": already faulted in, cheap to reuse) or punched
  * out of the tmpfs file; at most hdr->warm_pages stay warm.  A page is
  * punched only when nothing references it: punching zeroes it under every
- * mapping, so it must be unreachable first (DESIGN.md, traps).
+ * mapping, so it must be unreachable first (docs/ARCHITECTURE.md, measured costs).
  *
  * Decay (like jemalloc's dirty_decay_ms).  Freeing never punches a page
  * while the warm cap has room: the page stays warm and its page meta 'fp'

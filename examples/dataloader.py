@@ -6,10 +6,12 @@ pages it touches become the worker's private copies (pytorch #13246).  As
 a dedupshm.SharedSequence, the items are pickled once into shared memory
 and unpickled on access: the workers' private memory stays flat.
 
-    python examples/dataloader.py          (needs torch)
+    python examples/dataloader.py          (needs torch: pip install '.[torch]')
 """
+import importlib.util
 import os
 import re
+import sys
 import time
 
 import dedupshm
@@ -63,6 +65,9 @@ def main():
 
 
 if __name__ == "__main__":
+    if importlib.util.find_spec("torch") is None:
+        sys.exit("examples/dataloader.py needs torch, which is not installed: "
+                 "pip install '.[torch]' (from the checkout; or pip install torch==2.13.0)")
     import warnings
     warnings.filterwarnings("ignore", message="This DataLoader will create")
     main()

@@ -8,6 +8,8 @@ loading its own copy, once with ``dedupshm.server.shared_load``.
 
     python examples/prefork.py [--mib 64] [--workers 4] [--requests 100]
 
+(needs gunicorn: pip install '.[server]')
+
 This file is also the WSGI app gunicorn runs (``prefork:app``), configured
 by environment variables: PREFORK_MODE (none, plain, store, mergeable),
 PREFORK_WEIGHTS (the .npy file), PREFORK_STORE (the store's name) and
@@ -15,6 +17,7 @@ PREFORK_READY (a directory where each worker leaves a file once loaded).
 benchmarks/bench_prefork.py uses :func:`run` for its figures.
 """
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -193,6 +196,9 @@ def main():
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--requests", type=int, default=100)
     a = ap.parse_args()
+    if importlib.util.find_spec("gunicorn") is None:
+        sys.exit("examples/prefork.py needs gunicorn, which is not installed: "
+                 "pip install '.[server]' (from the checkout; or pip install gunicorn)")
     base = run("none", a.mib, a.workers, a.requests)
     rows = [run(m, a.mib, a.workers, a.requests) for m in ("plain", "store")]
     print(f"{a.workers} gunicorn workers, {a.mib} MiB of weights each, {a.requests} requests")

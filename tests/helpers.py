@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import time
+import uuid
 
 import numpy as np
 
@@ -268,3 +269,31 @@ def wait_objects(store, n, timeout=10):
         if got == n or time.monotonic() > deadline:
             return got
         time.sleep(0.05)
+
+
+class ClassStore:
+    """Mixin for unittest classes: a fresh 64 MiB store in ``cls.store``
+    for the class's tests (set up first, gc()ed, check()ed -- errors fail
+    the class -- and unlinked last)."""
+    store = None
+    store_tag = "tc"
+
+    @classmethod
+    def setUpClass(cls):
+        import dedupshm
+        cls.store = dedupshm.Store(f"{cls.store_tag}{os.getpid()}-{uuid.uuid4().hex[:10]}",
+                                   create=True, capacity="64MiB")
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            super().tearDownClass()
+        finally:
+            store, cls.store = cls.store, None
+            gc.collect()
+            store.gc()
+            errors = list(store.check().errors)
+            store.unlink()
+            store.close()
+            assert not errors, errors

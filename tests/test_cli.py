@@ -65,6 +65,53 @@ def test_help(cli):
         assert word in r.stdout
 
 
+def test_bare_command_prints_help(cli):
+    r = cli()
+    assert r.returncode == 0 and "usage: dedupshm" in r.stdout
+    for word in ("demo", "stats", "top", "put", "get", "--directory"):
+        assert word in r.stdout
+    assert "error" not in r.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_directory_before_or_after_the_command(cli, make_store, store_name, tmp_path, where):
+    s = make_store(store_name, directory=str(tmp_path))
+    s["only-here"] = b"x" * 5000
+    for cmd in (["ls", store_name], ["stats", store_name, "--json"]):
+        args = (["--directory", str(tmp_path)] + cmd if where == "before"
+                else cmd + ["--directory", str(tmp_path)])
+        r = cli(*args)
+        assert ("only-here" in r.stdout) if cmd[0] == "ls" else json.loads(r.stdout)["keys"] == 1
+    # not given: the default directory, where there is no such store
+    r = cli("ls", store_name, check=False)
+    assert r.returncode == 1 and "no store named" in r.stderr
+
+
+def _attach_and_wait(name, ready, stop):
+    with dedupshm.Store(name):
+        ready.set()
+        stop.wait(60)
+
+
+def test_stats_does_not_count_itself(cli, make_store, store_name, procs):
+    s = make_store(store_name)             # this test process: one attached process
+    assert json.loads(cli("stats", store_name, "--json").stdout)["clients"] == 1
+    line = [l for l in cli("stats", store_name).stdout.splitlines() if "attached" in l]
+    assert line and line[0].split()[-1] == "1"
+    # a second user: two
+    ctx = mp.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    p = procs.add(ctx.Process(target=_attach_and_wait, args=(store_name, ready, stop)))
+    p.start()
+    assert ready.wait(30)
+    try:
+        assert json.loads(cli("stats", store_name, "--json").stdout)["clients"] == 2
+    finally:
+        stop.set()
+        p.join(30)
+    del s
+
+
 def test_stats_json_matches_api(cli, filled):
     s, name = filled
     r = cli("stats", name, "--json")

@@ -2,11 +2,13 @@
 `record` + `plot`, `serve-metrics` (Prometheus), `put`/`get`, `demo --record`.
 
 Every command runs as a real subprocess against a real store in /dev/shm."""
+import contextlib
 import csv
 import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +111,50 @@ def test_top_quits_on_ctrl_c(filled, spawned):
     assert "Traceback" not in (child.before or "")
 
 
+# How `top` can be started without a plain foreground Ctrl-C reaching it; the
+# shell ignores SIGINT itself (trap), so it stays to report top's exit status.
+# - a script's background job: no job control, so `top` starts with SIGINT
+#   ignored and stdin from /dev/null, in the terminal's foreground group;
+# - setsid: a session of its own, the terminal is not its controlling one
+#   (the terminal's Ctrl-C signals another process group).
+_STARTS = {
+    "background_job": ('trap "" INT; "$0" -m dedupshm top "$1" --interval 0.2 & pid=$!; '
+                       'wait $pid; echo "top-exit=$?"; sleep 2'),
+    "setsid": ('trap "" INT; setsid -w "$0" -m dedupshm top "$1" --interval 0.2; '
+               'echo "top-exit=$?"; sleep 2'),
+}
+
+
+@pytest.mark.limit(30)
+@pytest.mark.parametrize("start", sorted(_STARTS))
+@pytest.mark.parametrize("key", ["ctrl_c", "q"])
+def test_top_started_without_the_terminal_quits(filled, spawned, start, key):
+    s, name = filled
+    if start == "setsid" and shutil.which("setsid") is None:
+        pytest.skip("no setsid(1) here")
+    env = dict(os.environ, TERM="xterm-256color", COLUMNS="80", LINES="24")
+    child = pexpect.spawn("sh", ["-c", _STARTS[start], sys.executable, name], env=env,
+                          dimensions=(24, 80), encoding="utf-8", codec_errors="replace",
+                          timeout=10)
+    spawned.append(child)
+    try:
+        child.expect_exact("alpha-key")
+        if key == "q":
+            child.send("q")
+        else:
+            child.sendintr()
+        child.expect(r"top-exit=(\d+)", timeout=5)
+        assert child.match.group(1) == "0"
+        assert "Traceback" not in (child.before or "")
+    finally:
+        # a `top` that did not quit is outside the pty's session: it is
+        # attached to the store, so the store names it
+        for c in s.clients():
+            if c["pid"] != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c["pid"], signal.SIGKILL)
+
+
 @pytest.mark.limit(30)
 def test_top_piped_prints_plain_lines(filled, procs):
     s, name = filled
@@ -138,15 +184,19 @@ def test_top_piped_prints_plain_lines(filled, procs):
     assert p.wait(10) == 0
 
 
-def test_top_once_prints_one_frame(filled):
+@pytest.mark.limit(30)
+def test_top_once_prints_one_frame(filled, spawned):
     s, name = filled
     st = s.stats()
-    r = run("top", name, "--once", "--interval", "0.1",
-            env=dict(os.environ, COLUMNS="100", TERM="xterm-256color"))
-    out = r.stdout
-    assert "\x1b" not in out                                   # piped: plain text
+    child = _spawn(spawned, ["top", name, "--once", "--interval", "0.1"], rows=40, cols=100)
+    status, sig = _wait_exit(child, deadline=15)
+    assert (status, sig) == (0, None)
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", child.before)
     assert name in out
     assert human_bytes(st["logical_bytes"]) in out
+    # what dedup saved, said so (the merger's saving is its own figure)
+    assert "dedup saved" in out and "merge saved" in out
+    assert human_bytes(st["logical_bytes"] - st["physical_bytes"]) in out
     assert f"{st['dedup_ratio']:.2f}x" in out
     for word in ("shared", "sharing", "unshared", "volatile", "scan rate", "CPU"):
         assert word in out, word
@@ -154,6 +204,19 @@ def test_top_once_prints_one_frame(filled):
     # largest objects first
     assert out.index("alpha-key") < out.index("small-key")
     assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_top_once_piped_prints_one_plain_line(filled):
+    s, name = filled
+    st = s.stats()
+    r = run("top", name, "--once", "--interval", "0.1")
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1 and "\x1b" not in r.stdout and "─" not in r.stdout
+    fields = dict(kv.split("=", 1) for kv in lines[0].split()[1:])
+    assert int(fields["logical"]) == st["logical_bytes"]
+    assert int(fields["physical"]) == st["physical_bytes"]
+    assert int(fields["keys"]) == st["keys"]
+    assert int(fields["processes"]) == 1          # this test's process, not the viewer
 
 
 def test_top_missing_store_is_an_error():

@@ -15,7 +15,9 @@ from helpers import in_store, wait_objects
 from dedupshm.pool import Pool, ProcessPoolExecutor, Queue, pack
 
 MIN = 64 << 10          # small threshold keeps the tests fast
-FORK = mp.get_context("fork")
+# the start method of the pools under test ($DEDUPSHM_TEST_START_METHOD, CI
+# runs forkserver too: the default on Linux from Python 3.14)
+CTX = mp.get_context(os.environ.get("DEDUPSHM_TEST_START_METHOD", "fork"))
 
 
 def describe(x):
@@ -26,6 +28,16 @@ def describe(x):
     if isinstance(x, memoryview):
         return ("mv", x.readonly, in_store(x, name), len(x))
     return (type(x).__name__, None, None, None)
+
+
+def _set_ti_store(name):
+    os.environ["TI_STORE"] = name
+
+
+def ti(tstore):
+    """Pool keywords giving the workers $TI_STORE (a forkserver's children
+    have the environment of the server, started by an earlier test)."""
+    return {"initializer": _set_ti_store, "initargs": (tstore.name,)}
 
 
 def nested(x):
@@ -73,7 +85,7 @@ def write_first(a):
 def test_pool_arguments_and_results_travel_through_store(tstore):
     big = np.arange(1 << 17, dtype=np.float64)          # 1 MiB
     small = np.arange(10)
-    with Pool(2, store=tstore, min_nbytes=MIN, context=FORK) as pool:
+    with Pool(2, store=tstore, min_nbytes=MIN, context=CTX, **ti(tstore)) as pool:
         r = pool.map(describe, [big, small, b"x" * (MIN + 1), 7])
         assert r[0] == ("nd", False, True, float(big.sum()))
         assert r[1] == ("nd", True, False, float(small.sum()))      # small: pickled as usual
@@ -93,7 +105,7 @@ def test_pool_arguments_and_results_travel_through_store(tstore):
 
 def test_pool_api_is_multiprocessing_pools(tstore):
     big = np.ones(1 << 17)
-    with Pool(2, store=tstore, min_nbytes=MIN, context=FORK) as pool:
+    with Pool(2, store=tstore, min_nbytes=MIN, context=CTX) as pool:
         assert pool.starmap(add, [(1, 2), (big, big)])[0] == 3
         assert (pool.starmap(add, [(big, big)])[0] == 2).all()
         assert (pool.apply(add, (big,), {"b": 1}) == 2).all()
@@ -136,7 +148,7 @@ def test_pool_pipe_bytes_are_small(tstore):
 
 def test_pool_same_argument_stored_once_and_freed(tstore):
     big = np.random.default_rng(2).random(1 << 19)        # 4 MiB
-    with Pool(2, store=tstore, min_nbytes=MIN, context=FORK) as pool:
+    with Pool(2, store=tstore, min_nbytes=MIN, context=CTX, **ti(tstore)) as pool:
         it = pool.imap(describe, [big] * 8)
         first = next(it)
         # while tasks are in flight: one stored copy for eight tasks
@@ -149,7 +161,7 @@ def test_pool_same_argument_stored_once_and_freed(tstore):
 
 def test_pool_writable_gives_private_copies(tstore):
     big = np.zeros(1 << 17)
-    with Pool(1, store=tstore, min_nbytes=MIN, writable=True, context=FORK) as pool:
+    with Pool(1, store=tstore, min_nbytes=MIN, writable=True, context=CTX) as pool:
         assert pool.map(write_first, [big, big]) == [42.0, 42.0]
         r = pool.apply(echo, (big,))
         assert r.flags.writeable
@@ -166,7 +178,7 @@ def test_pool_spawn_context(tstore):
 def test_pool_terminate_then_gc_frees(make_store):
     s = make_store(capacity="256MiB", transit_ttl=1)
     big = np.ones(1 << 17)
-    pool = Pool(1, store=s, min_nbytes=MIN, context=FORK)
+    pool = Pool(1, store=s, min_nbytes=MIN, context=CTX)
     try:
         pool.map_async(slow, [0.5] * 3)
         r = pool.apply_async(echo, (big,))
@@ -198,7 +210,7 @@ def test_bad_arguments(tstore):
 
 def test_executor(tstore):
     big = np.arange(1 << 17, dtype=np.float64)
-    with ProcessPoolExecutor(2, store=tstore, min_nbytes=MIN, mp_context=FORK) as ex:
+    with ProcessPoolExecutor(2, store=tstore, min_nbytes=MIN, mp_context=CTX) as ex:
         f = ex.submit(add, big, b=big)
         out = f.result(timeout=30)
         assert in_store(out, tstore.name) and (out == 2 * big).all()
@@ -225,8 +237,8 @@ def _producer(q, n):
 
 
 def test_queue_between_processes(tstore):
-    q = Queue(store=tstore, min_nbytes=MIN, ctx=FORK)
-    p = FORK.Process(target=_producer, args=(q, 4), daemon=True)
+    q = Queue(store=tstore, min_nbytes=MIN, ctx=CTX)
+    p = CTX.Process(target=_producer, args=(q, 4), daemon=True)
     p.start()
     try:
         got = []
@@ -249,7 +261,7 @@ def test_queue_between_processes(tstore):
 
 
 def test_queue_in_process(tstore):
-    q = Queue(store=tstore, min_nbytes=MIN, ctx=FORK)
+    q = Queue(store=tstore, min_nbytes=MIN, ctx=CTX)
     q.put(b"y" * (MIN * 2))
     q.put_nowait("small")
     v = q.get(timeout=10)
@@ -269,10 +281,10 @@ def test_import_dedupshm_never_imports_torch():
 
 def test_queue_follows_a_store_created_anew_under_the_same_name(make_store):
     old = make_store(capacity="64MiB")
-    q_old = Queue(store=old, min_nbytes=MIN, ctx=FORK)         # registers `old` by name
+    q_old = Queue(store=old, min_nbytes=MIN, ctx=CTX)         # registers `old` by name
     old.unlink()                                               # `old` stays open
     new = make_store(old.name, capacity="64MiB")
-    q = Queue(store=new, min_nbytes=MIN, ctx=FORK)
+    q = Queue(store=new, min_nbytes=MIN, ctx=CTX)
     q.put(np.full(1 << 17, 5.0))
     got = q.get(timeout=10)
     assert in_store(got, new.name) and got[0] == 5.0
@@ -280,3 +292,39 @@ def test_queue_follows_a_store_created_anew_under_the_same_name(make_store):
     for x in (q, q_old):
         x.close()
         x.join_thread()
+
+
+def test_min_nbytes_1_small_buffers(tstore):
+    """min_nbytes=1: buffers of any size travel, and the references that
+    carry them (which pickle small bytes themselves) do not recurse."""
+    values = [b"", b"x", bytes(range(16)), bytes(100), bytes(range(256)) * 16,
+              np.arange(3, dtype=np.uint8)]
+    with Pool(1, store=tstore, min_nbytes=1, context=CTX) as pool:
+        out = pool.map(echo, values)
+    assert [bytes(v) for v in out] == [bytes(v) for v in values]
+    assert isinstance(out[3], memoryview)               # travelled (a small value: a copy)
+    assert isinstance(out[4], memoryview) and in_store(out[4], tstore.name)
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise pickle.PicklingError("cannot pickle this")
+
+
+def test_unpicklable_arguments_fail_the_result(tstore):
+    """As in multiprocessing: the *_async call returns, its result (and
+    error_callback) carries the pickling error; the pool goes on."""
+    for pool_cls, kw in ((Pool, {"store": tstore}), (mp.pool.Pool, {})):
+        with pool_cls(1, context=CTX, **kw) as pool:
+            errors = []
+            r = pool.apply_async(echo, (_Unpicklable(),), error_callback=errors.append)
+            with pytest.raises(pickle.PicklingError):
+                r.get(timeout=30)
+            m = pool.map_async(echo, [1, _Unpicklable()], error_callback=errors.append)
+            with pytest.raises(pickle.PicklingError):
+                m.get(timeout=30)
+            deadline = time.monotonic() + 30
+            while len(errors) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [type(e) for e in errors] == [pickle.PicklingError] * 2, pool_cls
+            assert pool.apply(echo, (5,)) == 5

@@ -3,6 +3,7 @@ once for all workers and epochs, identical samples share pages, batches
 travel through the store, and tensors map the store's pages without
 warnings."""
 import multiprocessing as mp
+import os
 import warnings
 
 import pytest
@@ -16,6 +17,10 @@ from helpers import in_store, wait_objects  # noqa: E402
 
 
 pytestmark = pytest.mark.limit(60)
+
+# the workers' start method ($DEDUPSHM_TEST_START_METHOD; CI runs
+# forkserver too: the default on Linux from Python 3.14)
+START = os.environ.get("DEDUPSHM_TEST_START_METHOD", "fork")
 
 
 class Images(torch.utils.data.Dataset):
@@ -51,10 +56,10 @@ def test_put_get_tensor_zero_copy_no_warning(tstore):
 
 
 def test_cached_dataset_shared_by_workers_and_epochs(tstore):
-    counter = mp.get_context("fork").Value("i", 0)
+    counter = mp.get_context(START).Value("i", 0)
     ds = CachedDataset(Images(counter), tstore)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2,
-                                         multiprocessing_context="fork")
+                                         multiprocessing_context=START)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
@@ -87,7 +92,7 @@ class Plain(torch.utils.data.Dataset):
 
 def test_store_collate_batches_travel_through_store(tstore):
     loader = torch.utils.data.DataLoader(Plain(), batch_size=4, num_workers=2,
-                                         multiprocessing_context="fork",
+                                         multiprocessing_context=START,
                                          collate_fn=StoreCollate(tstore, min_nbytes=4096))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -112,7 +117,7 @@ def test_pool_moves_tensors(tstore):
     t = torch.ones(1 << 16)
     # forked children must not start OpenMP thread teams the parent's
     # libgomp state cannot run (the DataLoader does the same in its workers)
-    with Pool(2, store=tstore, min_nbytes=4096, context=mp.get_context("fork"),
+    with Pool(2, store=tstore, min_nbytes=4096, context=mp.get_context(START),
               initializer=torch.set_num_threads, initargs=(1,)) as pool:
         out = pool.map(double, [t, t])
     assert all(torch.equal(o, t * 2) and in_store(o, tstore.name) for o in out)

@@ -49,6 +49,9 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
 def cmd_stats(args: argparse.Namespace, out: IO[str]) -> int:
     with Store(args.name, directory=args.directory) as st:
         s = st.stats()
+        # this command attaches to read: it is not one of the store's users
+        if "clients" in s and any(c["pid"] == os.getpid() for c in st.clients()):
+            s["clients"] -= 1
     if args.json:
         out.write(json.dumps(_json_safe(s), indent=2, sort_keys=True) + "\n")
         return 0
@@ -349,9 +352,19 @@ def cmd_get(args: argparse.Namespace, out: IO[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dedupshm", description="deduplicating shared-memory object store")
-    p.add_argument("--directory", default=None, help=f"where stores live (default {DEFAULT_DIRECTORY})")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="worker processes put overlapping data; show what dedup saved")
+    dir_help = f"where stores live (default {DEFAULT_DIRECTORY})"
+    p.add_argument("--directory", default=None, help=dir_help)
+    # --directory after the command as well (SUPPRESS: absent there, the
+    # global one, given or not, stands)
+    with_dir = argparse.ArgumentParser(add_help=False)
+    with_dir.add_argument("--directory", default=argparse.SUPPRESS, help=dir_help)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    _add = sub.add_parser
+
+    def add_parser(name, *, directory=True, **kw):
+        return _add(name, parents=[with_dir] if directory else [], **kw)
+    sub.add_parser = add_parser
+    d = sub.add_parser("demo", directory=False, help="worker processes put overlapping data; show what dedup saved")
     d.add_argument("--workers", type=int, default=4)
     d.add_argument("--mib", type=int, default=64, help="size of the data each worker shares")
     d.add_argument("--keep", action="store_true", help="leave the demo store in place")
@@ -387,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     until.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     until.add_argument("--count", type=int, metavar="N", help="stop after N samples")
     rec.set_defaults(fn=cmd_record)
-    pl = sub.add_parser("plot", help="draw a record (needs matplotlib: dedupshm[plot])")
+    pl = sub.add_parser("plot", directory=False, help="draw a record (needs matplotlib: dedupshm[plot])")
     pl.add_argument("file", help="a record written by `dedupshm record` or `demo --record`")
     pl.add_argument("--out", required=True, metavar="PNG")
     pl.add_argument("--title", default=None)
@@ -411,8 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Optional[IO[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     out = out or sys.stdout
+    if args.cmd is None:                             # bare `dedupshm`: what it can do
+        parser.print_help(out)
+        return 0
     try:
         rc: int = args.fn(args, out)
         return rc

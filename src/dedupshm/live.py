@@ -2,12 +2,15 @@
 
 On a terminal it redraws a full-screen frame every ``interval`` seconds
 (rich.live on the alternate screen; resizes are followed) until ``q`` or
-Ctrl-C.  When stdout is not a terminal it prints one plain summary line
-per interval instead.  ``--once`` prints one frame and exits (its rates are
-measured over a short second look).
+Ctrl-C.  When stdout is not a terminal it prints one plain ``key=value``
+summary line per interval instead.  ``--once`` prints one frame (piped: one
+line) and exits (its rates are measured over a short second look).
 
 The viewer is an attached process like any other: it appears in its own
-process list, marked "this view".
+process list, marked "this view" (the plain line's ``processes=`` leaves
+it out).  "dedup saved" is logical minus physical bytes (what storing
+identical pages once saved); what the merger saved, pages merged away, is
+"merge saved" in the merger panel.
 """
 from __future__ import annotations
 
@@ -149,7 +152,8 @@ def plain_line(snap: Snapshot) -> str:
             f"shared={s['pages_shared']} sharing={s['pages_sharing']} "
             f"unshared={s['pages_unshared']} volatile={s['pages_volatile']} "
             f"merged={s['pages_merged']} scan/s={rate} merger_cpu={cpu} "
-            f"processes={len(snap.clients)}" + (" removed=1" if snap.removed else ""))
+            f"processes={sum(1 for c in snap.clients if c['pid'] != os.getpid())}"
+            + (" removed=1" if snap.removed else ""))
 
 
 # ---------------------------------------------------------------- rich frame
@@ -175,12 +179,12 @@ def render_frame(snap: Snapshot, name: str, directory: Optional[str], interval: 
 
     s = snap.stats
     merged = s["pages_merged"]
-    saved = s["logical_bytes"] + merged * PAGE - s["physical_bytes"]
     cap = s["capacity"]
     memory = _kv_table([
         ("logical", human_bytes(s["logical_bytes"])),
         ("physical", human_bytes(s["physical_bytes"])),
-        ("saved", human_bytes(saved)),
+        # what dedup of stored values saved; merging saves more, in "merger"
+        ("dedup saved", human_bytes(max(0, s["logical_bytes"] - s["physical_bytes"]))),
         ("dedup ratio", _ratio(s["dedup_ratio"])),
         ("objects", _count(s["objects"])),
         ("metadata", human_bytes(s["metadata_bytes"])),
@@ -200,7 +204,7 @@ def render_frame(snap: Snapshot, name: str, directory: Optional[str], interval: 
         ("scan rate", snap.scan_rate_text()),
         ("CPU (1 core)", snap.cpu_text()),
         ("pages merged", _count(merged)),
-        ("merged bytes", human_bytes(merged * PAGE)),
+        ("merge saved", human_bytes(merged * PAGE)),       # pages merged away
         ("full scans", _count(s["full_scans"])),
         ("scanned", _count(s["pages_scanned"])),
         ("CPU total", f"{s['merger_cpu_seconds']:.2f} s"),
@@ -284,17 +288,35 @@ class _Keys:
         os.set_blocking(self._wake_w, False)
         self._old_winch: _Handler = None
 
-    def __enter__(self) -> _Keys:
+    def __enter__(self):
+        self._own_fd = None
         try:
-            fd = sys.stdin.fileno()
-            if os.isatty(fd):
-                import termios
-                import tty
-                self.old = termios.tcgetattr(fd)
-                tty.setcbreak(fd)
-                self.fd = fd
-        except (OSError, ValueError, AttributeError):
+            fd = _stdin_tty()
+            if fd is None:
+                # stdin is not the terminal (a script's background job reads
+                # /dev/null): read keys from the controlling terminal, if we
+                # are in its foreground
+                fd = self._own_fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+                if os.tcgetpgrp(fd) != os.getpgrp():
+                    raise OSError("not in the terminal's foreground")
+            import termios
+            import tty
+            self.old = termios.tcgetattr(fd)
+            tty.setcbreak(fd)
+            self.fd = fd
+            try:
+                os.tcgetpgrp(fd)
+            except OSError:
+                # not our controlling terminal (started under setsid): its
+                # Ctrl-C would signal another process group; read it as a key
+                attrs = termios.tcgetattr(fd)
+                attrs[3] &= ~termios.ISIG
+                termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
+        except (OSError, ValueError, AttributeError, ImportError):
             self.fd = None
+            if self._own_fd is not None:
+                os.close(self._own_fd)
+                self._own_fd = None
         try:
             self._old_winch = signal.signal(signal.SIGWINCH, self._winch)
         except ValueError:                       # not the main thread
@@ -310,7 +332,10 @@ class _Keys:
     def __exit__(self, *exc: object) -> None:
         if self.old is not None and self.fd is not None:
             import termios
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.old)
+            termios.tcsetattr(self.fd if self._own_fd is None else self._own_fd,
+                              termios.TCSADRAIN, self.old)
+        if self._own_fd is not None:
+            os.close(self._own_fd)
         if self._old_winch is not None:
             signal.signal(signal.SIGWINCH, self._old_winch)
         os.close(self._wake_r)
@@ -343,16 +368,30 @@ def _terminate(signum: int, frame: Optional[FrameType]) -> None:
     raise KeyboardInterrupt
 
 
-def _interactive_sigint() -> _Handler:
+def _stdin_tty():
+    try:
+        fd = sys.stdin.fileno()
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fd if os.isatty(fd) else None
+
+
+def _interactive_sigint(out):
     """Make Ctrl-C reach us if it was ignored but we run in the foreground
-    of a terminal (a shell starts background jobs, and programs started
-    from them, with SIGINT ignored; `top` reads keys from that terminal and
-    must quit on Ctrl-C).  Returns the handler to restore, or None."""
+    of a terminal: a shell without job control (a script, ``sh -c``) starts
+    background jobs with SIGINT ignored and stdin from /dev/null, and
+    `top` drawing on that terminal must still quit on Ctrl-C.  The terminal
+    is stdin's or else the output's.  Returns the handler to restore, or
+    None."""
     try:
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             return None
-        fd = sys.stdin.fileno()
-        if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
+        fd = _stdin_tty()
+        if fd is None:
+            fd = out.fileno()
+            if not os.isatty(fd):
+                return None
+        if os.tcgetpgrp(fd) != os.getpgrp():
             return None
         return signal.signal(signal.SIGINT, signal.default_int_handler)
     except (OSError, ValueError, AttributeError):     # no terminal, not the main thread
@@ -373,12 +412,16 @@ def run_top(store: Store, name: str, directory: Optional[str], interval: float =
         is_tty = False
     me = os.getpid()
     old_term = signal.signal(signal.SIGTERM, _terminate)
-    old_int = _interactive_sigint()
+    old_int = _interactive_sigint(out)
     try:
         if once:
             first = Snapshot(store, top_n=top_n or 20)
             time.sleep(min(interval, 0.5))
             snap = Snapshot(store, first, top_n=top_n or 20)
+            if not is_tty:                       # piped: the plain line, like the loop
+                out.write(plain_line(snap) + "\n")
+                out.flush()
+                return 0
             console = Console(file=out, highlight=False)
             console.print(render_frame(snap, name, directory, interval, width=console.width,
                                        self_pid=me, once=True))

@@ -1,13 +1,14 @@
 """Process pools and queues whose large values travel through a Store.
 
-:class:`Pool` is a drop-in :class:`multiprocessing.pool.Pool`,
-:class:`ProcessPoolExecutor` a drop-in
-:class:`concurrent.futures.ProcessPoolExecutor` and :class:`Queue` a
-drop-in :class:`multiprocessing.Queue`, except that every numpy array,
-bytes-like object (and CPU torch tensor, when torch is imported) of at least
-``min_nbytes`` -- the argument itself or anywhere inside it: in tuples,
-lists, dicts, or attributes of any picklable object -- is put into the
-store by the sender and read zero-copy by the receiver.  Only a reference
+:class:`Pool` is a drop-in :class:`multiprocessing.pool.Pool` (a
+subclass), :class:`ProcessPoolExecutor` a drop-in
+:class:`concurrent.futures.ProcessPoolExecutor` (a subclass) and
+:class:`Queue` a drop-in :class:`multiprocessing.Queue`, except that every
+numpy array, bytes-like object (and CPU torch tensor, when torch is
+imported) of at least ``min_nbytes`` (and at least 64 bytes) -- the
+argument itself or anywhere inside it: in tuples, lists, dicts, or
+attributes of any picklable object -- is put into the store by the sender
+and read zero-copy by the receiver.  Only a reference
 (about a hundred bytes) goes through the pipe.  Both ways: arguments to
 the workers, results back.
 
@@ -46,7 +47,9 @@ import multiprocessing
 import multiprocessing.pool
 import pickle
 import sys
+import threading
 import weakref
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.reduction import ForkingPickler
 from types import ModuleType
 from typing import (IO, TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, Optional,
@@ -63,6 +66,12 @@ __all__ = ["Pool", "ProcessPoolExecutor", "Queue", "pack", "DEFAULT_MIN_NBYTES"]
 
 #: Values of at least this many bytes travel through the store by default.
 DEFAULT_MIN_NBYTES = 1 << 20
+
+# Values under this many bytes always travel inline, whatever min_nbytes
+# says: a reference is bigger than they are, and the ObjectRef inside a
+# reference pickles a 16-byte store id, which must not itself be diverted
+# into the store (that would recurse without end).
+_INLINE_BELOW = 64
 
 # ---------------------------------------------------------------- stores
 # Store objects by name (what a message carries) come from the one attach
@@ -130,7 +139,7 @@ class _Packer:
 
     def persistent_id(self, obj: Any) -> Optional[tuple[Any, ...]]:
         kind, n = _classify(obj)
-        if kind is None or n < self.min_nbytes:
+        if kind is None or n < self.min_nbytes or n < _INLINE_BELOW:
             return None
         ref = self._recall(obj)
         meta = None
@@ -236,23 +245,28 @@ def pack(obj: Any, store: Store, min_nbytes: int = DEFAULT_MIN_NBYTES) -> _Packe
 
 class _Task:
     """The function a worker runs: unpacks its argument, calls the user's
-    function, packs the result.  Picklable (the store travels by name)."""
+    function, packs the result.  Picklable (the store travels by name).
+    ``encoding_error``: a result that cannot be pickled raises
+    multiprocessing's MaybeEncodingError (what a Pool's worker reports),
+    else the pickling error itself (what an executor's worker reports)."""
 
-    __slots__ = ("func", "name", "directory", "min_nbytes", "writable", "mode")
+    __slots__ = ("func", "name", "directory", "min_nbytes", "writable", "mode", "encoding_error")
 
-    def __init__(self, func: Callable[..., Any], store: Store, min_nbytes: int, writable: bool,
-                 mode: str) -> None:
+    def __init__(self, func, store, min_nbytes, writable, mode, encoding_error=False):
         self.func = func
         self.name, self.directory = _store_id(store)
         self.min_nbytes = min_nbytes
         self.writable = writable
         self.mode = mode               # "one": f(x), "star": f(*x), "apply": f(*a, **kw)
+        self.encoding_error = encoding_error
 
-    def __getstate__(self) -> tuple[Any, ...]:
-        return (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode)
+    def __getstate__(self):
+        return (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode,
+                self.encoding_error)
 
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode) = state
+    def __setstate__(self, state):
+        (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode,
+         self.encoding_error) = state
 
     def __call__(self, packed: Any) -> Any:
         _attached(self.name, self.directory, keep=True)
@@ -268,7 +282,13 @@ class _Task:
             del args, kwargs
         arg = packed = None                 # the argument's values are let go of here
         store = _attached(self.name, self.directory, keep=True)
-        packed = pack(result, store, self.min_nbytes)
+        if not self.encoding_error:
+            packed = pack(result, store, self.min_nbytes)
+        else:
+            try:
+                packed = pack(result, store, self.min_nbytes)
+            except Exception as e:  # noqa: BLE001 - reported as multiprocessing does
+                raise multiprocessing.pool.MaybeEncodingError(e, result) from None
         del result                          # before the message goes back
         return packed
 
@@ -319,6 +339,31 @@ class AsyncResult:
         return self._inner.successful()
 
 
+class _FailedResult:
+    """The result of a call whose arguments could not be pickled."""
+
+    def __init__(self, exc):
+        self._exc = exc
+
+    def get(self, timeout=None):
+        raise self._exc
+
+    def wait(self, timeout=None):
+        pass
+
+    def ready(self):
+        return True
+
+    def successful(self):
+        return False
+
+
+def _failed(exc, error_callback):
+    if error_callback is not None:
+        error_callback(exc)
+    return _FailedResult(exc)
+
+
 class _ResultIterator:
     """Like multiprocessing.pool.IMapIterator; yields unpacked values."""
 
@@ -338,38 +383,51 @@ class _ResultIterator:
     __next__ = next
 
 
-class Pool:
+class Pool(multiprocessing.pool.Pool):
     """A :class:`multiprocessing.pool.Pool` whose large arguments and
     results travel through ``store`` (see the module docstring).
 
-    ``Pool(processes=None, *, store, min_nbytes=1 MiB, writable=False,
-    initializer=None, initargs=(), maxtasksperchild=None, context=None)``.
-    Values of at least ``min_nbytes`` bytes travel by reference; they
-    arrive read-only unless ``writable`` (then copy-on-write)."""
+    ``Pool(processes=None, initializer=None, initargs=(),
+    maxtasksperchild=None, context=None, *, store, min_nbytes=1 MiB,
+    writable=False)``.  Values of at least ``min_nbytes`` bytes travel by
+    reference; they arrive read-only unless ``writable`` (then
+    copy-on-write).  A subclass of multiprocessing's Pool: everything else
+    (lifecycle, ``with``, errors, the ResourceWarning of a pool never
+    closed) is multiprocessing's.  A result that cannot be pickled raises
+    :class:`multiprocessing.pool.MaybeEncodingError`, as there."""
 
-    def __init__(self, processes: Optional[int] = None, *, store: Store,
-                 min_nbytes: int = DEFAULT_MIN_NBYTES, writable: bool = False, **kw: Any) -> None:
-        self._store = _check_store(store)
-        self._min = _check_min(min_nbytes)
-        self._writable = bool(writable)
-        self._pool = multiprocessing.pool.Pool(processes, **kw)
+    def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
+                 context=None, *, store, min_nbytes=DEFAULT_MIN_NBYTES, writable=False):
+        self._state = multiprocessing.pool.INIT     # what __del__ reads if we raise here
+        self._ds_store = _check_store(store)
+        self._ds_min = _check_min(min_nbytes)
+        self._ds_writable = bool(writable)
+        super().__init__(processes, initializer, initargs, maxtasksperchild, context)
 
     @property
-    def store(self) -> Store:
-        return self._store
+    def store(self):
+        return self._ds_store
 
-    def _task(self, func: Callable[..., Any], mode: str) -> _Task:
-        return _Task(func, self._store, self._min, self._writable, mode)
+    def _task(self, func, mode):
+        return _Task(func, self._ds_store, self._ds_min, self._ds_writable, mode,
+                     encoding_error=True)
 
-    def _pack_all(self, iterable: Iterable[Any]) -> list[_Packed]:
-        p = _Packer(self._store, self._min)
+    def _pack_all(self, iterable):
+        """The packed messages, or the exception packing raised.  As in
+        multiprocessing: a closed pool and an iterable that raises raise
+        here; a value that cannot be pickled fails the call's result."""
+        self._check_running()           # before anything goes into the store
+        items = iterable if hasattr(iterable, "__len__") else list(iterable)
+        p = _Packer(self._ds_store, self._ds_min)
         try:
-            return [p.pack(x) for x in iterable]
+            return [p.pack(x) for x in items]
+        except Exception as e:  # noqa: BLE001 - delivered through the result
+            return e
         finally:
             p.close()
 
-    def _pack_lazily(self, iterable: Iterable[Any]) -> Generator[_Packed, None, None]:
-        p = _Packer(self._store, self._min)
+    def _pack_lazily(self, iterable):
+        p = _Packer(self._ds_store, self._ds_min)
         try:
             for x in iterable:
                 yield p.pack(x)
@@ -395,7 +453,7 @@ class Pool:
                    many: bool) -> Optional[Callable[[Any], None]]:
         if callback is None:
             return None
-        writable = self._writable
+        writable = self._ds_writable
 
         def cb(v: Any) -> None:
             try:
@@ -407,14 +465,14 @@ class Pool:
             callback(v)
         return cb
 
-    def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
-                    kwds: dict[str, Any] = {}, callback: Optional[Callable[[Any], object]] = None,
-                    error_callback: Optional[Callable[[BaseException], object]] = None
-                    ) -> AsyncResult:
-        packed = self._pack_all([(tuple(args), dict(kwds))])[0]
-        r = self._pool.apply_async(self._task(func, "apply"), (packed,), {},
-                                   self._callbacks(callback, error_callback, False), error_callback)
-        return AsyncResult(r, self._writable, False)
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+        packed = self._pack_all([(tuple(args), dict(kwds))])
+        if isinstance(packed, Exception):
+            return _failed(packed, error_callback)
+        packed = packed[0]
+        r = super().apply_async(self._task(func, "apply"), (packed,), {},
+                                self._callbacks(callback, error_callback, False), error_callback)
+        return AsyncResult(r, self._ds_writable, False)
 
     def map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
                   chunksize: Optional[int] = None,
@@ -422,9 +480,11 @@ class Pool:
                   error_callback: Optional[Callable[[BaseException], object]] = None
                   ) -> AsyncResult:
         packed = self._pack_all(iterable)
-        r = self._pool.map_async(self._task(func, "one"), packed, chunksize,
-                                 self._callbacks(callback, error_callback, True), error_callback)
-        return AsyncResult(r, self._writable, True)
+        if isinstance(packed, Exception):
+            return _failed(packed, error_callback)
+        r = super().map_async(self._task(func, "one"), packed, chunksize,
+                              self._callbacks(callback, error_callback, True), error_callback)
+        return AsyncResult(r, self._ds_writable, True)
 
     def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                       chunksize: Optional[int] = None,
@@ -432,41 +492,22 @@ class Pool:
                       error_callback: Optional[Callable[[BaseException], object]] = None
                       ) -> AsyncResult:
         packed = self._pack_all(iterable)
-        r = self._pool.map_async(self._task(func, "star"), packed, chunksize,
-                                 self._callbacks(callback, error_callback, True), error_callback)
-        return AsyncResult(r, self._writable, True)
+        if isinstance(packed, Exception):
+            return _failed(packed, error_callback)
+        r = super().map_async(self._task(func, "star"), packed, chunksize,
+                              self._callbacks(callback, error_callback, True), error_callback)
+        return AsyncResult(r, self._ds_writable, True)
 
-    def imap(self, func: Callable[..., Any], iterable: Iterable[Any],
-             chunksize: int = 1) -> _ResultIterator:
-        it = self._pool.imap(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
-        return _ResultIterator(it, self._writable)
+    def imap(self, func, iterable, chunksize=1):
+        self._check_running()
+        it = super().imap(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
+        return _ResultIterator(it, self._ds_writable)
 
-    def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any],
-                       chunksize: int = 1) -> _ResultIterator:
-        it = self._pool.imap_unordered(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
-        return _ResultIterator(it, self._writable)
-
-    # -- lifecycle
-    def close(self) -> None:
-        self._pool.close()
-
-    def terminate(self) -> None:
-        self._pool.terminate()
-
-    def join(self) -> None:
-        self._pool.join()
-
-    def __enter__(self) -> Pool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.terminate()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
-
-    def __repr__(self) -> str:
-        return f"<dedupshm.pool.Pool over {self._store.name!r} {self._pool!r}>"
+    def imap_unordered(self, func, iterable, chunksize=1):
+        self._check_running()
+        it = super().imap_unordered(self._task(func, "one"), self._pack_lazily(iterable),
+                                    chunksize)
+        return _ResultIterator(it, self._ds_writable)
 
 
 # ---------------------------------------------------------------- ProcessPoolExecutor
@@ -483,7 +524,10 @@ class _Future(cf.Future[Any]):
     def cancel(self) -> bool:
         return self._inner.cancel()
 
-    def _copy(self, f: cf.Future[Any]) -> None:
+    def running(self):
+        return not self.done() and self._inner.running()
+
+    def _copy(self, f):
         if f.cancelled():
             super().cancel()
             return
@@ -501,48 +545,66 @@ class _Future(cf.Future[Any]):
             self.set_result(v)
 
 
-class ProcessPoolExecutor(cf.Executor):
+class ProcessPoolExecutor(cf.ProcessPoolExecutor):
     """A :class:`concurrent.futures.ProcessPoolExecutor` whose large
     arguments and results travel through ``store`` (see the module
-    docstring).  Other keywords (``mp_context``, ``initializer``,
-    ``initargs``, ``max_tasks_per_child``) go to the executor."""
+    docstring).  ``ProcessPoolExecutor(max_workers=None, mp_context=None,
+    initializer=None, initargs=(), *, store, min_nbytes=1 MiB,
+    writable=False, max_tasks_per_child=None)``.  A subclass of the
+    standard executor: shutdown, ``with``, BrokenProcessPool when a worker
+    dies are the standard ones.  Within one ``map()`` call the same object
+    is put into the store once.
 
-    def __init__(self, max_workers: Optional[int] = None, *, store: Store,
-                 min_nbytes: int = DEFAULT_MIN_NBYTES, writable: bool = False, **kw: Any) -> None:
-        self._store = _check_store(store)
-        self._min = _check_min(min_nbytes)
-        self._writable = bool(writable)
-        self._executor = cf.ProcessPoolExecutor(max_workers, **kw)
+    Arguments are pickled by ``submit()`` itself (into the store and a
+    message); one that cannot be pickled fails its future, as in the
+    standard executor.  Unlike there, arguments that cannot be *unpickled*
+    in the worker, or a result that cannot be unpickled here, fail that
+    future alone with the error (the standard executor breaks the whole
+    pool: BrokenProcessPool)."""
+
+    def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
+                 store, min_nbytes=DEFAULT_MIN_NBYTES, writable=False, **kw):
+        self._ds_store = _check_store(store)
+        self._ds_min = _check_min(min_nbytes)
+        self._ds_writable = bool(writable)
+        self._ds_local = threading.local()       # the packer of a map() call in progress
+        super().__init__(max_workers, mp_context, initializer, initargs, **kw)
 
     @property
-    def store(self) -> Store:
-        return self._store
+    def store(self):
+        return self._ds_store
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
-        packed = pack((args, kwargs), self._store, self._min)
-        inner = self._executor.submit(_Task(fn, self._store, self._min, self._writable, "apply"),
-                                      packed)
-        return _Future(inner, self._writable)
-
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
-            timeout: Optional[float] = None, chunksize: int = 1) -> Iterator[Any]:
-        p = _Packer(self._store, self._min)
+    def submit(self, fn, /, *args, **kwargs):
+        # refuse before anything goes into the store (the standard checks)
+        if self._broken:
+            raise BrokenProcessPool(self._broken)
+        if self._shutdown_thread:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        packer = getattr(self._ds_local, "packer", None)
         try:
-            packed = [p.pack(args) for args in zip(*iterables)]
+            if packer is not None:
+                packed = packer.pack((args, kwargs))
+            else:
+                packed = pack((args, kwargs), self._ds_store, self._ds_min)
+        except Exception as e:  # noqa: BLE001 - the standard executor fails the future
+            failed = cf.Future()
+            failed.set_exception(e)
+            return failed
+        task = _Task(fn, self._ds_store, self._ds_min, self._ds_writable, "apply")
+        return _Future(super().submit(task, packed), self._ds_writable)
+
+    submit.__doc__ = cf.Executor.submit.__doc__
+
+    def map(self, fn, *iterables, **kw):
+        # the standard map (chunks, timeout) submits every chunk now,
+        # through submit() above: one packer for the whole call
+        local = self._ds_local
+        local.packer = _Packer(self._ds_store, self._ds_min)
+        try:
+            return super().map(fn, *iterables, **kw)
         finally:
-            p.close()
-        it = self._executor.map(_Task(fn, self._store, self._min, self._writable, "star"),
-                                packed, timeout=timeout, chunksize=chunksize)
-        del packed
-        writable = self._writable
-
-        def results() -> Iterator[Any]:
-            for v in it:
-                yield _unpacked(v, writable)
-        return results()
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._executor.shutdown(wait, cancel_futures=cancel_futures)
+            local.packer.close()
+            local.packer = None
 
 
 # ---------------------------------------------------------------- Queue
