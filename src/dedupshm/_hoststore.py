@@ -12,15 +12,18 @@ gets to remove anything: the next process that sets up a store of the same
 engine on the host removes every store of that engine with no live process
 attached (:func:`reclaim`).
 """
+from __future__ import annotations
+
 import contextlib
 import fcntl
 import os
+from typing import Any, Container, Iterator, Optional
 
 from .store import DEFAULT_DIRECTORY, Store
 
 
 @contextlib.contextmanager
-def directory_lock(directory=None):
+def directory_lock(directory: Optional[str] = None) -> Iterator[None]:
     """Exclusive lock, across processes, on the store directory."""
     fd = os.open(directory or DEFAULT_DIRECTORY, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -30,14 +33,14 @@ def directory_lock(directory=None):
         os.close(fd)                # releases the lock
 
 
-def others_attached(store):
+def others_attached(store: Store) -> bool:
     """Whether a live process other than this one is attached to ``store``."""
     store.gc()                      # forgets processes that died
     me = os.getpid()
     return any(c["pid"] != me for c in store.clients())
 
 
-def stores_of(prefix, directory=None):
+def stores_of(prefix: str, directory: Optional[str] = None) -> list[str]:
     """Names of the stores in ``directory`` whose name starts with ``prefix``."""
     directory = directory or DEFAULT_DIRECTORY
     head, tail = f"dedupshm.{prefix}", ".index"
@@ -49,11 +52,12 @@ def stores_of(prefix, directory=None):
                   if f.startswith(head) and f.endswith(tail))
 
 
-def reclaim(prefix, directory=None, skip=()):
+def reclaim(prefix: str, directory: Optional[str] = None,
+            skip: Container[str] = ()) -> list[str]:
     """Remove the stores named ``prefix...`` that no live process is attached
     to (left by users that were killed).  Call with :func:`directory_lock`
     held.  Returns the names removed."""
-    removed = []
+    removed: list[str] = []
     for name in stores_of(prefix, directory):
         if name in skip:
             continue
@@ -70,7 +74,8 @@ def reclaim(prefix, directory=None, skip=()):
     return removed
 
 
-def open_shared(name, prefix, directory=None, **create_kw):
+def open_shared(name: str, prefix: str, directory: Optional[str] = None,
+                **create_kw: Any) -> Store:
     """Create or attach the store ``name`` (reclaiming what crashed users of
     ``prefix`` left behind first)."""
     with directory_lock(directory):
@@ -78,7 +83,7 @@ def open_shared(name, prefix, directory=None, **create_kw):
         return Store(name, create=True, directory=directory, **create_kw)
 
 
-def leave(store):
+def leave(store: Store) -> bool:
     """This process is done with ``store``: remove its files if no other live
     process is attached, and close it.  Returns whether the files were removed."""
     removed = False

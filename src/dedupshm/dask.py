@@ -26,6 +26,8 @@ unless the environment variable ``DEDUPSHM_DASK_HOST`` names another).  Then:
 Tasks receive store-backed arrays read-only (as with joblib's memmapping):
 a task that writes into its input must copy it first.
 """
+from __future__ import annotations
+
 import concurrent.futures as cf
 import hashlib
 import logging
@@ -34,6 +36,7 @@ import pickle
 import socket
 import weakref
 from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union, cast
 
 import numpy as np
 from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
@@ -43,6 +46,21 @@ from . import _hoststore
 from .errors import StoreFullError
 from .pool import DEFAULT_MIN_NBYTES, check_min_nbytes
 from .store import DEFAULT_DIRECTORY, parse_size
+
+if TYPE_CHECKING:
+    from typing import ParamSpec, TypeGuard, TypeVar
+
+    from dask.typing import Key
+
+    from ._typing import Buffer
+    from .store import ObjectRef
+
+    _P = ParamSpec("_P")
+    _T = TypeVar("_T")
+    # distributed's serializer functions: (value, context=) -> (header, frames)
+    # and (header, frames) -> value
+    _Dumps = Callable[..., tuple[dict[str, Any], list[Buffer]]]
+    _Loads = Callable[[dict[str, Any], list[Buffer]], Any]
 
 __all__ = ["StorePlugin", "HOST_ENV", "is_shared"]
 
@@ -57,46 +75,49 @@ _HANDSHAKE_KEY = "dedupshm-store"
 
 # id(array) -> (weakref to the array, its ObjectRef): the store-backed
 # arrays of this process.  Plain dict operations (atomic under the GIL).
-_backed = {}
+_backed: dict[int, tuple[weakref.ref[np.ndarray[Any, Any]], ObjectRef]] = {}
 # what this process's serializer did (for tests and diagnostics)
 counts = {"sent_refs": 0, "sent_shared_as_bytes": 0, "received_refs": 0}
 # the host's store of this process, shared by its workers (LocalCluster
 # with processes=False runs several in one process)
-_host = None
+_host: Optional[_Host] = None
 
 
-def host_identity():
+def host_identity() -> str:
     """This process's host, as the plugin sees it."""
     return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
-def store_name(host, scheduler):
+def store_name(host: str, scheduler: str) -> str:
     """The name of the store of ``host``'s workers of ``scheduler``."""
     h = hashlib.sha256(f"{host}\0{scheduler}".encode()).hexdigest()[:20]
     return f"{PREFIX}{h}"
 
 
-def is_shared(x):
+def is_shared(x: object) -> TypeGuard[np.ndarray[Any, Any]]:
     """Whether ``x`` is an array held in this process's host store."""
     e = _backed.get(id(x))
     return e is not None and e[0]() is x
 
 
-def _remember(view, ref):
+def _remember(view: np.ndarray[Any, Any], ref: ObjectRef) -> None:
     i = id(view)
-    _backed[i] = (weakref.ref(view, lambda _, i=i: _backed.pop(i, None)), ref)
+    forget = cast("Callable[[weakref.ref[np.ndarray[Any, Any]]], object]",
+                  lambda _, i=i: _backed.pop(i, None))
+    _backed[i] = (weakref.ref(view, forget), ref)
 
 
 class _Host:
     """This process's attachment to its host's store."""
 
-    def __init__(self, name, directory, capacity, min_nbytes):
+    def __init__(self, name: str, directory: str, capacity: Optional[int],
+                 min_nbytes: int) -> None:
         self.store = _hoststore.open_shared(name, PREFIX, directory, capacity=capacity)
         self.min_nbytes = min_nbytes
         self.token = [name, self.store.directory, self.store._c().uuid.hex()]
         self.workers = 0
 
-    def share(self, value):
+    def share(self, value: object) -> Optional[np.ndarray[Any, Any]]:
         """A store-backed equal of ``value``, or None if it stays private."""
         if type(value) is not np.ndarray or value.dtype.hasobject:
             return None
@@ -108,22 +129,22 @@ class _Host:
             logger.warning("dedupshm: host store %s is full; a value of %d bytes stays "
                            "in worker memory", self.store.name, value.nbytes)
             return None
-        view = self.store.get(ref)
+        view: np.ndarray[Any, Any] = self.store.get(ref)
         _remember(view, ref)
         return view
 
 
-class _SharedData(MutableMapping):
+class _SharedData(MutableMapping["Key", object]):
     """A worker's ``data``: large arrays go to the host's store (and are
     never spilled); everything else goes to the worker's own mapping (its
     SpillBuffer), whose attributes (``fast``, ``evict``...) show through."""
 
-    def __init__(self, inner, host):
+    def __init__(self, inner: MutableMapping[Key, object], host: _Host) -> None:
         self.inner = inner
-        self.shared = {}
+        self.shared: dict[Key, np.ndarray[Any, Any]] = {}
         self.host = host
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Key, value: object) -> None:
         if not is_shared(value):
             v = self.host.share(value)
             if v is not None:
@@ -136,29 +157,29 @@ class _SharedData(MutableMapping):
             self.shared.pop(key, None)
             self.inner[key] = value
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Key) -> object:
         try:
             return self.shared[key]
         except KeyError:
             return self.inner[key]
 
-    def __delitem__(self, key):
+    def __delitem__(self, key: Key) -> None:
         try:
             del self.shared[key]
         except KeyError:
             del self.inner[key]
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         return key in self.shared or key in self.inner
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Key]:
         yield from self.shared
         yield from self.inner
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.shared) + len(self.inner)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         if name in ("inner", "shared", "host"):
             raise AttributeError(name)
         return getattr(self.inner, name)
@@ -169,11 +190,11 @@ class _SharingExecutor(cf.Executor):
     a large result is put into the host's store there (not later, on the
     worker's event loop, which must not block for the copy)."""
 
-    def __init__(self, inner, host):
+    def __init__(self, inner: cf.Executor, host: _Host) -> None:
         self.inner = inner
         self.host = host
 
-    def _run(self, fn, args, kwargs):
+    def _run(self, fn: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _T:
         msg = fn(*args, **kwargs)
         if isinstance(msg, dict) and msg.get("op") == "task-finished":
             v = self.host.share(msg.get("result"))
@@ -181,13 +202,14 @@ class _SharingExecutor(cf.Executor):
                 msg["result"] = v
         return msg
 
-    def submit(self, fn, /, *args, **kwargs):
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args,
+               **kwargs: _P.kwargs) -> cf.Future[_T]:
         return self.inner.submit(self._run, fn, args, kwargs)
 
-    def shutdown(self, wait=True, **kw):
+    def shutdown(self, wait: bool = True, **kw: Any) -> None:
         return self.inner.shutdown(wait, **kw)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         if name in ("inner", "host"):
             raise AttributeError(name)
         return getattr(self.inner, name)
@@ -195,21 +217,25 @@ class _SharingExecutor(cf.Executor):
 
 # ---------------------------------------------------------------- serialization
 
-_numpy_dumps = _numpy_loads = None
+_numpy_dumps: Optional[_Dumps] = None
+_numpy_loads: Optional[_Loads] = None
 
 
-def _install_serializers():
+def _install_serializers() -> None:
     """Route numpy arrays through _dumps/_loads (once per process)."""
     global _numpy_dumps, _numpy_loads
     if _numpy_dumps is not None:
         return
-    _numpy_dumps = dask_serialize.dispatch(np.ndarray)      # loads distributed's own
-    _numpy_loads = dask_deserialize.dispatch(np.ndarray)
-    dask_serialize.register(np.ndarray)(_dumps)
-    dask_deserialize.register(np.ndarray)(_loads)
+    # dask's Dispatch objects are not annotated
+    serialize, deserialize = cast(Any, dask_serialize), cast(Any, dask_deserialize)
+    _numpy_dumps = serialize.dispatch(np.ndarray)       # loads distributed's own
+    _numpy_loads = deserialize.dispatch(np.ndarray)
+    serialize.register(np.ndarray)(_dumps)
+    deserialize.register(np.ndarray)(_loads)
 
 
-def _dumps(x, context=None):
+def _dumps(x: object, context: Optional[dict[str, Any]] = None
+           ) -> tuple[dict[str, Any], list[Buffer]]:
     host = _host
     if host is not None and context and is_shared(x):
         peer = (context.get("recipient") or {}).get(_HANDSHAKE_KEY)
@@ -217,7 +243,7 @@ def _dumps(x, context=None):
             ref = _backed[id(x)][1]
             counts["sent_refs"] += 1
             return {"dedupshm": host.token}, [pickle.dumps(ref, protocol=5)]
-    header, frames = _numpy_dumps(x, context=context)
+    header, frames = cast("_Dumps", _numpy_dumps)(x, context=context)
     if is_shared(x) and "writeable" in header:
         # read-only only because it lives in the store: the receiver's copy
         # is its own, writable as without the plugin
@@ -226,16 +252,16 @@ def _dumps(x, context=None):
     return header, frames
 
 
-def _loads(header, frames):
+def _loads(header: dict[str, Any], frames: list[Buffer]) -> Any:
     token = header.get("dedupshm")
     if token is None:
-        return _numpy_loads(header, frames)
+        return cast("_Loads", _numpy_loads)(header, frames)
     host = _host
     if host is None or list(token) != host.token:
         raise ValueError(f"a reference into the store {token[0]!r} reached a worker "
                          f"that is not attached to it")
     ref = pickle.loads(frames[0])
-    view = host.store.get(ref)
+    view: np.ndarray[Any, Any] = host.store.get(ref)
     _remember(view, ref)
     counts["received_refs"] += 1
     return view
@@ -243,7 +269,7 @@ def _loads(header, frames):
 
 # ---------------------------------------------------------------- memory
 
-def private_memory(pid="self"):
+def private_memory(pid: Union[int, str] = "self") -> int:
     """A process's resident memory without shared-memory pages (the
     store's, counted once per host rather than once per reader)."""
     rss = shmem = 0
@@ -263,13 +289,13 @@ class _NannyMemory(NannyPlugin):
 
     name = "dedupshm-memory"
 
-    def setup(self, nanny):
+    def setup(self, nanny: Any) -> None:
         pc = nanny.periodic_callbacks.get("memory_monitor")
         if pc is None or getattr(pc.callback, "_dedupshm", False):
             return
         original = pc.callback
 
-        def monitor():
+        def monitor() -> None:
             proc = nanny.process.process if nanny.process is not None else None
             limit = nanny.memory_manager.memory_limit
             if proc is not None and proc.pid is not None and limit:
@@ -280,11 +306,12 @@ class _NannyMemory(NannyPlugin):
                 if mine is not None and mine / limit <= nanny.memory_manager.memory_terminate_fraction:
                     return
             original()
-        monitor._dedupshm = True
-        monitor._original = original
+        tagged = cast(Any, monitor)         # a function with two attributes
+        tagged._dedupshm = True
+        tagged._original = original
         pc.callback = monitor
 
-    def teardown(self, nanny):
+    def teardown(self, nanny: Any) -> None:
         pc = nanny.periodic_callbacks.get("memory_monitor")
         if pc is not None and getattr(pc.callback, "_dedupshm", False):
             pc.callback = pc.callback._original
@@ -301,13 +328,17 @@ class StorePlugin(WorkerPlugin):
 
     name = "dedupshm"
     idempotent = True
+    # set by setup (absent before; teardown without setup is a no-op)
+    _host: Optional[_Host]
+    _get_process_memory: Callable[[], int]
 
-    def __init__(self, capacity=None, min_nbytes=DEFAULT_MIN_NBYTES, directory=None):
+    def __init__(self, capacity: Union[int, str, None] = None,
+                 min_nbytes: int = DEFAULT_MIN_NBYTES, directory: Optional[str] = None) -> None:
         self.capacity = None if capacity is None else parse_size(capacity, "capacity")
         self.min_nbytes = check_min_nbytes(min_nbytes)
         self.directory = directory or DEFAULT_DIRECTORY
 
-    async def setup(self, worker):
+    async def setup(self, worker: Any) -> None:
         self._setup(worker)
         if worker.nanny:
             # the nanny's own memory monitor (restart at 95%) reads the RSS too
@@ -319,7 +350,7 @@ class StorePlugin(WorkerPlugin):
                 logger.warning("dedupshm: could not reach the nanny at %s (%s): its memory "
                                "monitor counts shared pages", worker.nanny, e)
 
-    def _setup(self, worker):
+    def _setup(self, worker: Any) -> None:
         global _host
         if _host is None:
             name = store_name(host_identity(), worker.scheduler.address)
@@ -343,9 +374,9 @@ class StorePlugin(WorkerPlugin):
         self._get_process_memory = worker.monitor.get_process_memory
         worker.monitor.get_process_memory = private_memory
 
-    def teardown(self, worker):
+    def teardown(self, worker: Any) -> None:
         global _host
-        host = getattr(self, "_host", None)
+        host: Optional[_Host] = getattr(self, "_host", None)
         if host is None:
             return
         self._host = None

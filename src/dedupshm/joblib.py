@@ -24,11 +24,14 @@ as a reference, instead of being dumped to a memmapped file per
   SIGKILLed, the next process that uses the backend on the machine removes
   the stores of callers that no longer exist.
 """
+from __future__ import annotations
+
 import atexit
 import io
 import os
 import threading
 import uuid
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import joblib
@@ -40,6 +43,12 @@ from . import _attach, _hoststore
 from .pool import DEFAULT_MIN_NBYTES, _Packer, _Unpickler, check_min_nbytes
 from .store import DEFAULT_DIRECTORY, parse_size
 
+if TYPE_CHECKING:
+    from .store import ObjectRef, Store
+
+    # loky's (job, result) reducer tables: type -> reducer
+    _Reducers = tuple[dict[type, "_ArgReducer"], dict[type, "_ResultReducer"]]
+
 __all__ = ["register", "release", "reclaim", "DedupShmBackend", "BACKEND", "caller_store"]
 
 #: The name the backend is registered under.
@@ -50,7 +59,7 @@ PREFIX = "joblib-"
 
 # ---------------------------------------------------------------- the caller's store
 
-def _start_time(pid):
+def _start_time(pid: int) -> Optional[int]:
     """The start time of process ``pid`` (clock ticks since boot), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -60,15 +69,15 @@ def _start_time(pid):
     return int(stat.rsplit(b")", 1)[1].split()[19])
 
 
-def _orphaned(name, directory):
+def _orphaned(name: str, directory: Optional[str]) -> bool:
     """Whether store ``name`` belongs to a caller that no longer runs: its
     pid and start time (in the name) name no process here, and the store's
     client table (liveness by lock, valid across PID namespaces) has no live
     client with that pid.  Workers it left behind may still be attached:
     they only finish what they were doing."""
     try:
-        _, pid, start, _ = name.split("-")
-        pid, start = int(pid), int(start)
+        _, pid_text, start_text, _ = name.split("-")
+        pid, start = int(pid_text), int(start_text)
     except ValueError:
         return False                # not one of ours: leave it alone
     if _start_time(pid) == start:
@@ -85,10 +94,10 @@ def _orphaned(name, directory):
         s.close()
 
 
-def reclaim(directory=None):
+def reclaim(directory: Optional[str] = None) -> list[str]:
     """Remove the stores of callers that died without removing them.
     Returns the names removed."""
-    removed = []
+    removed: list[str] = []
     with _hoststore.directory_lock(directory):
         for name in _hoststore.stores_of(PREFIX, directory):
             if _orphaned(name, directory):
@@ -101,7 +110,7 @@ def reclaim(directory=None):
     return removed
 
 
-def _store_paths(name, directory):
+def _store_paths(name: str, directory: Optional[str]) -> tuple[str, str]:
     from .store import store_paths
     return store_paths(name, directory)
 
@@ -109,7 +118,7 @@ def _store_paths(name, directory):
 class _Caller:
     """This process's store for the backend, and what it keeps for the next call."""
 
-    def __init__(self, capacity, directory):
+    def __init__(self, capacity: Union[int, str, None], directory: str) -> None:
         pid = os.getpid()
         self.pid = pid
         self.name = f"{PREFIX}{pid}-{_start_time(pid)}-{uuid.uuid4().hex[:8]}"
@@ -118,24 +127,26 @@ class _Caller:
             from .store import Store
             self.store = Store(self.name, create=True, capacity=capacity, directory=directory)
         self.lock = threading.Lock()
-        self.current = None         # the running call's packer
-        self.previous = []          # ObjectRefs of the last call's values (dedup hits)
+        self.current: Optional[_CallPacker] = None  # the running call's packer
+        # ObjectRefs of the last call's values (dedup hits)
+        self.previous: list[ObjectRef] = []
 
-    def exists(self):
+    def exists(self) -> bool:
         return os.path.exists(_store_paths(self.name, self.store.directory)[0])
 
-    def remove(self):
+    def remove(self) -> None:
         """Unlink the store (attached workers keep their views until they let go)."""
         if os.getpid() == self.pid:
             self.store.unlink()
             self.store.close()
 
 
-_caller = None
+_caller: Optional[_Caller] = None
 _caller_lock = threading.Lock()
 
 
-def caller_store(capacity=None, directory=None):
+def caller_store(capacity: Union[int, str, None] = None,
+                 directory: Optional[str] = None) -> _Caller:
     """This process's store for the backend (created on first use)."""
     global _caller
     with _caller_lock:
@@ -147,7 +158,7 @@ def caller_store(capacity=None, directory=None):
         return c
 
 
-def release():
+def release() -> None:
     """Remove this process's store now (the next call makes a new one).
     Workers keep what they still map until they let go."""
     global _caller
@@ -158,7 +169,7 @@ def release():
         c.remove()
 
 
-def _after_fork_in_child():
+def _after_fork_in_child() -> None:
     global _caller, _caller_lock
     _caller_lock = threading.Lock()
     _caller = None                  # a forked child makes a store of its own
@@ -172,16 +183,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class _CallPacker(_Packer):
     """A pool packer that also keeps every ObjectRef it made (for the next call)."""
 
-    def __init__(self, store, min_nbytes):
+    def __init__(self, store: Store, min_nbytes: int) -> None:
         super().__init__(store, min_nbytes)
-        self.refs = []
+        self.refs: list[ObjectRef] = []
 
-    def _remember(self, obj, ref):
+    def _remember(self, obj: Any, ref: ObjectRef) -> None:
         self.refs.append(ref)
         super()._remember(obj, ref)
 
 
-def _load(pid, writable):
+def _load(pid: tuple[Any, ...], writable: bool) -> Any:
     """Rebuild a value from its store reference (in a worker or the caller)."""
     return _Unpickler(io.BytesIO(b""), writable).persistent_load(pid)
 
@@ -189,11 +200,11 @@ def _load(pid, writable):
 class _ArgReducer:
     """Caller side: large arrays of a task's arguments go into the caller's store."""
 
-    def __init__(self, caller, min_nbytes):
+    def __init__(self, caller: _Caller, min_nbytes: int) -> None:
         self.caller = caller
         self.min_nbytes = min_nbytes
 
-    def __call__(self, a):
+    def __call__(self, a: np.ndarray[Any, Any]) -> Union[str, tuple[Any, ...]]:
         c = self.caller
         packer = c.current
         if packer is None:                  # pickled outside a call: a packer of its own
@@ -203,7 +214,7 @@ class _ArgReducer:
             return a.__reduce_ex__(4)
         return _load, (pid, False)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         # loky hands the job queue (and its reducers) to the workers, which
         # only read from it: there, the store is reached by name
         c = self.caller
@@ -213,18 +224,18 @@ class _ArgReducer:
 class _ResultReducer:
     """Worker side: large arrays of a result go into the caller's store."""
 
-    def __init__(self, name, directory, min_nbytes):
+    def __init__(self, name: str, directory: str, min_nbytes: int) -> None:
         self.name, self.directory, self.min_nbytes = name, directory, min_nbytes
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return (isinstance(other, _ResultReducer)
                 and (self.name, self.directory, self.min_nbytes)
                 == (other.name, other.directory, other.min_nbytes))
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((self.name, self.directory, self.min_nbytes))
 
-    def __call__(self, a):
+    def __call__(self, a: np.ndarray[Any, Any]) -> Union[str, tuple[Any, ...]]:
         if a.nbytes >= self.min_nbytes and not a.dtype.hasobject:
             store = _attach.attached_store(self.name, self.directory, keep=True)
             pid = _Packer(store, self.min_nbytes).persistent_id(a)
@@ -243,18 +254,20 @@ class DedupShmBackend(LokyBackend):
     store when it is created (default: half the free space of /dev/shm),
     ``directory`` (default /dev/shm)."""
 
-    def __init__(self, nesting_level=None, inner_max_num_threads=None, *,
-                 min_nbytes=DEFAULT_MIN_NBYTES, capacity=None, directory=None,
-                 **backend_kwargs):
+    def __init__(self, nesting_level: Optional[int] = None,
+                 inner_max_num_threads: Optional[int] = None, *,
+                 min_nbytes: int = DEFAULT_MIN_NBYTES, capacity: Union[int, str, None] = None,
+                 directory: Optional[str] = None, **backend_kwargs: Any) -> None:
         super().__init__(nesting_level=nesting_level,
                          inner_max_num_threads=inner_max_num_threads, **backend_kwargs)
         self.min_nbytes = check_min_nbytes(min_nbytes)
         self.capacity = None if capacity is None else parse_size(capacity, "capacity")
         self.directory = directory
-        self._caller = None
+        self._caller: Optional[_Caller] = None
 
-    def configure(self, n_jobs=1, parallel=None, prefer=None, require=None,
-                  idle_worker_timeout=None, **kwargs):
+    def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Optional[str] = None,
+                  require: Optional[str] = None, idle_worker_timeout: Optional[float] = None,
+                  **kwargs: Any) -> int:
         """Start (or reuse) the worker processes; return their number."""
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:
@@ -279,12 +292,12 @@ class DedupShmBackend(LokyBackend):
         self.parallel = parallel
         return n_jobs
 
-    def start_call(self):
+    def start_call(self) -> None:
         c = self._caller
         if c is not None:
             c.current = _CallPacker(c.store, self.min_nbytes)
 
-    def stop_call(self):
+    def stop_call(self) -> None:
         c = self._caller
         if c is None or c.current is None:
             return
@@ -294,13 +307,13 @@ class DedupShmBackend(LokyBackend):
         c.previous = packer.refs
         packer.close()
 
-    def terminate(self):
+    def terminate(self) -> None:
         # the workers stay for the next call (as with loky); there is no
         # temporary folder to clean
         self._workers = None
         self.reset_batch_stats()
 
-    def abort_everything(self, ensure_ready=True):
+    def abort_everything(self, ensure_ready: bool = True) -> None:
         self._workers.shutdown(kill_workers=True)
         self._workers = None
         if ensure_ready:
@@ -310,14 +323,14 @@ class DedupShmBackend(LokyBackend):
 class _NoTemporaryFolder:
     """What Parallel expects of a loky executor's temporary folder manager."""
 
-    def set_current_context(self, context_id):
+    def set_current_context(self, context_id: str) -> None:
         pass
 
 
-_reducer_cache = {}
+_reducer_cache: dict[tuple[str, int], _Reducers] = {}
 
 
-def _reducers(caller, min_nbytes):
+def _reducers(caller: _Caller, min_nbytes: int) -> _Reducers:
     """The (job, result) reducer tables for a caller's store: the same
     objects for the same store, so loky keeps its workers between calls."""
     key = (caller.name, min_nbytes)
@@ -330,7 +343,7 @@ def _reducers(caller, min_nbytes):
     return r
 
 
-def register():
+def register() -> None:
     """Make ``backend="dedupshm"`` available to joblib (``parallel_config``,
     ``parallel_backend``, ``Parallel(backend=...)``)."""
     joblib.register_parallel_backend(BACKEND, DedupShmBackend)
