@@ -284,20 +284,17 @@ def test_vma_budget_limits_fragments(store):
 
 # ---------------------------------------------------------------- across processes
 
-def _child_merge(name, seed, nbytes, q, go, hold_s):
+def _child_merge(name, seed, nbytes, q, go, seen):
     s = dedupshm.Store(name)
     arr = s.mergeable_array(nbytes, np.uint8)
     arr[:] = rand_bytes(nbytes, seed)
     s.merger.start(target_scan_s=0.05, max_cpu=1.0)
     q.put(("ready", os.getpid()))
     go.wait(60)
-    end = time.monotonic() + hold_s
-    while time.monotonic() < end:
-        time.sleep(0.05)
+    seen.wait(90)                   # hold the memory until the parent has looked
     ok = bool((arr == rand_bytes(nbytes, seed)).all())
     s.merger.stop()
     q.put(("done", ok))
-    time.sleep(hold_s)
 
 
 @pytest.mark.limit(120)
@@ -305,14 +302,17 @@ def test_two_processes_merge_identical_memory(make_store, store_name, procs):
     s = make_store(store_name, capacity="512MiB")
     nbytes = 8 * MiB
     ctx = mp.get_context("spawn")
-    q, go = ctx.Queue(), ctx.Event()
-    ps = [procs.start(ctx, _child_merge, store_name, 11, nbytes, q, go, 3.0) for _ in range(2)]
+    q, go, seen = ctx.Queue(), ctx.Event(), ctx.Event()
+    ps = [procs.start(ctx, _child_merge, store_name, 11, nbytes, q, go, seen) for _ in range(2)]
     for _ in ps:
         assert q.get(timeout=60)[0] == "ready"
     go.set()
     npages = nbytes // PAGE
-    wait_for(lambda: s.stats()["pages_sharing"] >= 0.9 * npages, 30, "cross-process merge")
-    st = s.stats()
+    try:
+        wait_for(lambda: s.stats()["pages_sharing"] >= 0.9 * npages, 60, "cross-process merge")
+        st = s.stats()
+    finally:
+        seen.set()
     assert st["pages_merged"] >= 1.8 * npages
     assert st["physical_bytes"] <= nbytes + 64 * PAGE
     results = [q.get(timeout=60) for _ in ps]
