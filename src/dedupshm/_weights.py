@@ -30,12 +30,27 @@ visible to others whole or not at all.  Loaders of one file take turns
 through :func:`dedupshm.server.shared_load`'s marker protocol: one reads,
 the others wait and map.
 """
+from __future__ import annotations
+
 import hashlib
+import io
 import os
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from . import _attach
 from .errors import DedupShmError
 from .server import shared_load
+
+if TYPE_CHECKING:
+    from .store import Store
+
+#: A file's identity: [kind, real path, st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns]
+Ident = list[Union[str, int]]
+#: A file's path, as the loaders take it (they os.fsdecode it)
+PathArg = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
+#: A file's path, as forget takes it (matched against the str real paths
+#: recorded in the manifests)
+StrPath = Union[str, os.PathLike[str]]
 
 PREFIX = "dedupshm.weights/"
 SAMPLE_EDGE = 64 << 10
@@ -49,24 +64,24 @@ class WeightsFileError(DedupShmError, ValueError):
     """The file is truncated, corrupt or not in the expected format."""
 
 
-def store_of(store):
+def store_of(store: Union[Store, str]) -> Store:
     """An open Store, from a Store or a store name."""
     if isinstance(store, str):
         return _attach.attached_store(store, None)
     return _attach.check_store(store)
 
 
-def _ident(kind, path, st):
+def _ident(kind: str, path: str, st: os.stat_result) -> Ident:
     return [kind, os.path.realpath(path), st.st_dev, st.st_ino, st.st_size,
             st.st_mtime_ns, st.st_ctime_ns]
 
 
-def manifest_key(ident):
+def manifest_key(ident: Ident) -> str:
     h = hashlib.blake2b(repr(ident).encode("utf-8", "surrogatepass"), digest_size=20)
     return PREFIX + h.hexdigest()
 
 
-def _pread_all(fd, n, off):
+def _pread_all(fd: int, n: int, off: int) -> bytes:
     out = bytearray()
     while len(out) < n:
         b = os.pread(fd, n - len(out), off + len(out))
@@ -76,7 +91,7 @@ def _pread_all(fd, n, off):
     return bytes(out)
 
 
-def content_hash(fd, size, verify):
+def content_hash(fd: int, size: int, verify: str) -> bytes:
     h = hashlib.blake2b(digest_size=20)
     h.update(verify.encode())
     if verify == "full":
@@ -101,13 +116,13 @@ class Writer:
     """Puts a loader's buffers into the store, one object each, under keys
     named after the loader; forgets (deletes) them all if the load fails."""
 
-    def __init__(self, store, mkey, me):
+    def __init__(self, store: Store, mkey: str, me: str) -> None:
         self.store = store
         self.base = f"{mkey}/{me}/"
-        self.keys = []
-        self.buffers = []
+        self.keys: list[str] = []
+        self.buffers: list[memoryview] = []
 
-    def buffer(self, nbytes, fill):
+    def buffer(self, nbytes: int, fill: Callable[[memoryview], None]) -> int:
         """A new stored buffer of ``nbytes`` bytes that ``fill(memoryview)``
         fills in place; returns its index.  The buffer is committed (and
         deduplicated) when ``fill`` returns, and discarded if it raises."""
@@ -119,7 +134,7 @@ class Writer:
         self.buffers.append(buf)
         return len(self.keys) - 1
 
-    def discard(self):
+    def discard(self) -> None:
         for k in self.keys:
             try:
                 self.store.delete(k)
@@ -128,7 +143,7 @@ class Writer:
         self.keys, self.buffers = [], []
 
 
-def _delete_orphans(store, mkey):
+def _delete_orphans(store: Store, mkey: str) -> None:
     """Delete buffers of loaders of this file that died or lost a race
     (those the manifest lists, if there is one, are kept)."""
     core = store._c()
@@ -151,8 +166,8 @@ def _delete_orphans(store, mkey):
             pass
 
 
-def _map(store, manifest, writable):
-    out = []
+def _map(store: Store, manifest: dict[str, Any], writable: bool) -> list[memoryview]:
+    out: list[memoryview] = []
     for k in manifest["keys"]:
         b = store.get(k, writable=writable)
         if not isinstance(b, memoryview):
@@ -161,7 +176,8 @@ def _map(store, manifest, writable):
     return out
 
 
-def load(store, path, kind, read, *, verify="sample", writable=True):
+def load(store: Store, path: str, kind: str, read: Callable[[io.FileIO, Writer], object], *,
+         verify: str = "sample", writable: bool = True) -> tuple[Any, list[memoryview], bool]:
     """(meta, [memoryview per buffer], from_store) for the file at
     ``path``: mapped from the store if a process of the store loaded this
     file before, else ``read(f, writer)`` -> meta, with f the file opened
@@ -176,9 +192,9 @@ def load(store, path, kind, read, *, verify="sample", writable=True):
         mkey = manifest_key(ident)
         digest = content_hash(f.fileno(), st.st_size, verify)
         me = store._c().identity().decode()
-        mine = {}
+        mine: dict[str, Writer] = {}
 
-        def loader():
+        def loader() -> dict[str, Any]:
             _delete_orphans(store, mkey)
             w = Writer(store, mkey, me)
             try:
@@ -219,7 +235,7 @@ def load(store, path, kind, read, *, verify="sample", writable=True):
         raise DedupShmError(f"{path}: could not load into the store (manifest kept changing)")
 
 
-def forget(store, path=None):
+def forget(store: Store, path: Optional[StrPath] = None) -> int:
     """Delete what the store holds of weight files: of the file at ``path``
     (every identity it was loaded under: any kind, any version), or of all
     files when ``path`` is None.  Returns the number of keys deleted.

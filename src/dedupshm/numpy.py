@@ -9,20 +9,36 @@ maps the stored arrays without reading it (see dedupshm._weights), and
 equal pages of different files are stored once.  Arrays are read-only
 views of the shared pages.  Object arrays (which need pickle) are refused.
 """
+from __future__ import annotations
+
+import io
 import os
 import zipfile
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union, cast
 
 import numpy as np
 
 from . import _weights
 from ._weights import WeightsFileError
 
+if TYPE_CHECKING:
+    from ._weights import PathArg, StrPath
+    from .store import Store
+
+    #: what an array's header is read from: the .npy file, or a .npz member
+    _Source = Union[io.FileIO, zipfile.ZipExtFile]
+    #: numpy's description of a structured dtype (dtype.descr)
+    _Descr = list[Union[tuple[str, str], tuple[str, str, tuple[int, ...]]]]
+    #: an array in the manifest: (shape, fortran order, dtype str or descr,
+    #: index of its buffer)
+    _Entry = tuple[list[int], bool, Union[str, _Descr], int]
+
 __all__ = ["load", "forget", "WeightsFileError"]
 
 CHUNK = 4 << 20
 
 
-def _header(fp, path):
+def _header(fp: _Source, path: str) -> tuple[list[int], bool, Union[str, _Descr], int]:
     fmt = np.lib.format
     try:
         version = fmt.read_magic(fp)
@@ -30,8 +46,8 @@ def _header(fp, path):
             shape, fortran, dtype = fmt.read_array_header_1_0(fp)
         elif version == (2, 0):
             shape, fortran, dtype = fmt.read_array_header_2_0(fp)
-        else:
-            shape, fortran, dtype = fmt._read_array_header(fp, version)
+        else:                           # private, not in numpy's stubs
+            shape, fortran, dtype = cast(Any, fmt)._read_array_header(fp, version)
     except (ValueError, EOFError, SyntaxError, TypeError) as e:
         raise WeightsFileError(f"{path}: not a valid .npy array: {e}") from None
     if dtype.hasobject:
@@ -44,8 +60,8 @@ def _header(fp, path):
         count * dtype.itemsize
 
 
-def _fill_from(fp, path, what):
-    def fill(buf):
+def _fill_from(fp: _Source, path: str, what: str) -> Callable[[memoryview], None]:
+    def fill(buf: memoryview) -> None:
         got = 0
         while got < len(buf):
             try:
@@ -58,14 +74,14 @@ def _fill_from(fp, path, what):
     return fill
 
 
-def _read_npy(fp, path, writer, what):
+def _read_npy(fp: _Source, path: str, writer: _weights.Writer, what: str) -> _Entry:
     shape, fortran, dt, nbytes = _header(fp, path)
     idx = writer.buffer(nbytes, _fill_from(fp, path, what))
     return (shape, fortran, dt, idx)
 
 
-def _read(path):
-    def read(f, writer):
+def _read(path: str) -> Callable[[io.FileIO, _weights.Writer], dict[str, object]]:
+    def read(f: io.FileIO, writer: _weights.Writer) -> dict[str, object]:
         magic = os.pread(f.fileno(), 6, 0)
         if magic == b"\x93NUMPY":
             entry = _read_npy(f, path, writer, "array data")
@@ -78,12 +94,12 @@ def _read(path):
             zf = zipfile.ZipFile(f)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise WeightsFileError(f"{path}: not a valid .npz archive: {e}") from None
-        arrays = {}
+        arrays: dict[str, _Entry] = {}
         with zf:
             for info in zf.infolist():
                 name = info.filename
                 try:
-                    mf = zf.open(info)
+                    mf = cast(zipfile.ZipExtFile, zf.open(info))  # ZipFile.open in "r" mode
                 except (zipfile.BadZipFile, NotImplementedError, OSError, ValueError) as e:
                     raise WeightsFileError(f"{path}: member {name!r}: {e}") from None
                 with mf:
@@ -100,7 +116,7 @@ def _read(path):
     return read
 
 
-def _array(entry, bufs):
+def _array(entry: Sequence[Any], bufs: Sequence[memoryview]) -> np.ndarray[Any, Any]:
     shape, fortran, dt, idx = entry
     dtype = np.dtype(dt if isinstance(dt, str) else [tuple(x) for x in dt])
     count = 1
@@ -110,7 +126,8 @@ def _array(entry, bufs):
     return a.reshape(shape, order="F" if fortran else "C")
 
 
-def load(path, store, *, verify="sample"):
+def load(path: PathArg, store: Union[Store, str], *,
+         verify: str = "sample") -> Union[np.ndarray[Any, Any], dict[str, np.ndarray[Any, Any]]]:
     """A ``.npy`` file's array, or a ``.npz`` file's arrays as a dict
     name -> array, read-only over store memory (see the module docstring).
     A truncated or corrupt file raises WeightsFileError (a ValueError) and
@@ -124,7 +141,7 @@ def load(path, store, *, verify="sample"):
     return {k: _array(e, bufs) for k, e in meta["npz"].items()}
 
 
-def forget(path, store):
+def forget(path: Optional[StrPath], store: Store) -> int:
     """Delete what ``store`` holds of files loaded from ``path`` (None:
     of every file); see dedupshm.torch.forget."""
     return _weights.forget(store, path)

@@ -12,12 +12,26 @@ model) are stored once.
 The format is parsed here (8-byte little-endian header length, a JSON
 header, the data); the ``safetensors`` package is not needed to load.
 """
+from __future__ import annotations
+
+import io
 import json
 import os
 import struct
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Literal, Optional, Union, overload
 
 from . import _weights
 from ._weights import WeightsFileError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ._weights import PathArg, StrPath
+    from .store import Store
+
+    #: a tensor in the header: (name, dtype code, shape, start, end)
+    _Entry = tuple[str, str, list[int], int, int]
 
 __all__ = ["load_file", "forget", "WeightsFileError"]
 
@@ -34,10 +48,10 @@ DTYPES = {
 MAX_HEADER = 100_000_000
 
 
-def parse_header(f, path, size):
+def parse_header(f: BinaryIO, path: str, size: int) -> tuple[list[_Entry], int]:
     """[(name, dtype code, shape, start, end)] sorted by start, and the
     offset of the data; WeightsFileError for anything malformed."""
-    def bad(why):
+    def bad(why: str) -> WeightsFileError:
         return WeightsFileError(f"{path}: not a valid safetensors file: {why}")
     head = os.pread(f.fileno(), 8, 0)
     if len(head) < 8:
@@ -50,11 +64,11 @@ def parse_header(f, path, size):
         raise bad("truncated header")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"header is not JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"header is not JSON ({err})") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    entries = []
+    entries: list[_Entry] = []
     for name, e in header.items():
         if name == "__metadata__":
             continue
@@ -89,13 +103,13 @@ def parse_header(f, path, size):
     return entries, 8 + n
 
 
-def _read(path):
-    def read(f, writer):
+def _read(path: str) -> Callable[[io.FileIO, _weights.Writer], dict[str, object]]:
+    def read(f: io.FileIO, writer: _weights.Writer) -> dict[str, object]:
         size = os.fstat(f.fileno()).st_size
         entries, base = parse_header(f, path, size)
-        tensors = []
+        tensors: list[tuple[str, str, list[int], int]] = []
         for name, code, shape, start, stop in entries:
-            def fill(buf, off=base + start):
+            def fill(buf: memoryview, off: int = base + start) -> None:
                 got = 0
                 while got < len(buf):
                     k = os.preadv(f.fileno(), [buf[got:]], off + got)
@@ -108,7 +122,19 @@ def _read(path):
     return read
 
 
-def load_file(path, store, *, framework="pt", verify="sample"):
+@overload
+def load_file(path: PathArg, store: Union[Store, str], *, framework: Literal["pt"] = "pt",
+              verify: str = "sample") -> dict[str, torch.Tensor]: ...
+@overload
+def load_file(path: PathArg, store: Union[Store, str], *, framework: Literal["np"],
+              verify: str = "sample") -> dict[str, np.ndarray[Any, Any]]: ...
+@overload
+def load_file(path: PathArg, store: Union[Store, str], *, framework: str = "pt",
+              verify: str = "sample") -> Union[dict[str, torch.Tensor],
+                                                dict[str, np.ndarray[Any, Any]]]: ...
+def load_file(path: PathArg, store: Union[Store, str], *, framework: str = "pt",
+              verify: str = "sample") -> Union[dict[str, torch.Tensor],
+                                                dict[str, np.ndarray[Any, Any]]]:
     """The tensors of a safetensors file, as a dict name -> tensor, backed
     by the store (see the module docstring).  ``framework="pt"``: torch
     tensors, private copy-on-write mappings (writes stay in the writing
@@ -121,9 +147,9 @@ def load_file(path, store, *, framework="pt", verify="sample"):
     path = os.fsdecode(path)
     meta, bufs, _ = _weights.load(store, path, "safetensors", _read(path), verify=verify,
                                   writable=framework == "pt")
-    out = {}
     if framework == "pt":
         import torch
+        out: dict[str, torch.Tensor] = {}
         for name, code, shape, idx in meta["tensors"]:
             dtype = getattr(torch, DTYPES[code][0])
             buf = bufs[idx]
@@ -133,15 +159,16 @@ def load_file(path, store, *, framework="pt", verify="sample"):
                 out[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape)
         return out
     import numpy as np
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
     for name, code, shape, idx in meta["tensors"]:
         npdt = DTYPES[code][1]
         if npdt is None:
             raise TypeError(f"{name!r}: numpy has no {code} dtype (use framework='pt')")
-        out[name] = np.frombuffer(bufs[idx], dtype=npdt).reshape(shape)
-    return out
+        arrays[name] = np.frombuffer(bufs[idx], dtype=npdt).reshape(shape)
+    return arrays
 
 
-def forget(path, store):
+def forget(path: Optional[StrPath], store: Store) -> int:
     """Delete what ``store`` holds of files loaded from ``path`` (None:
     of every file); see dedupshm.torch.forget."""
     return _weights.forget(store, path)

@@ -36,7 +36,7 @@ import os
 import pickle
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar, Union, cast
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from . import _attach, _weights
 from .pool import check_min_nbytes, pack
 
 if TYPE_CHECKING:
+    from ._weights import PathArg, StrPath
     from .pool import _Packed
     from .store import Key, ObjectRef, Store
 
@@ -266,23 +267,26 @@ class StoreCollate:
 
 # ---------------------------------------------------------------- weights
 
-def _u8(storage):
+def _u8(storage: torch.UntypedStorage) -> torch.Tensor:
     """A flat uint8 tensor over an untyped storage (no copy)."""
     return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
 
 
-def _storage_over(buf):
+def _storage_over(buf: memoryview) -> torch.UntypedStorage:
     """An untyped storage over a memoryview (which it keeps alive)."""
     if len(buf) == 0:
-        return torch.UntypedStorage(0)
+        # torch's stubs leave the storage constructor unannotated
+        return cast(Callable[[int], torch.UntypedStorage], torch.UntypedStorage)(0)
     return torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
 
 
-def _tensor_on(storage, dtype, offset, shape, stride):
+def _tensor_on(storage: torch.UntypedStorage, dtype: torch.dtype,
+               offset: Union[int, torch.SymInt], shape: Sequence[int],
+               stride: Sequence[int]) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, offset, tuple(shape), tuple(stride))
 
 
-def _trim_heap():
+def _trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc keeps large freed
     chunks below its dynamic mmap threshold in the heap)."""
     name = ctypes.util.find_library("c")
@@ -294,7 +298,10 @@ def _trim_heap():
         pass
 
 
-def share_module(module, store, *, dedup=True):
+_M = TypeVar("_M", bound=torch.nn.Module)
+
+
+def share_module(module: _M, store: Union[Store, str], *, dedup: bool = True) -> _M:
     """Move every parameter and buffer of a CPU ``torch.nn.Module`` onto
     store memory, in place, and return the module.
 
@@ -316,8 +323,8 @@ def share_module(module, store, *, dedup=True):
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"share_module needs a torch.nn.Module, not {type(module).__name__}")
     store = _store_of(store)
-    groups = {}                 # storage -> tensors over it, in order
-    seen = set()
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}  # storage -> tensors over it, in order
+    seen: set[int] = set()
     for mname, m in module.named_modules(remove_duplicate=False):
         for table in (m._parameters, m._buffers):
             for name, t in table.items():
@@ -351,12 +358,12 @@ class _Pickler(pickle.Pickler):
     """Pickles a loaded checkpoint's structure with every tensor replaced
     by a reference to its storage, which it puts into the store."""
 
-    def __init__(self, file, writer):
+    def __init__(self, file: IO[bytes], writer: Union[_weights.Writer, _PutWriter]) -> None:
         super().__init__(file, protocol=5)
         self.writer = writer
-        self.storages = {}
+        self.storages: dict[tuple[int, int], int] = {}
 
-    def persistent_id(self, obj):
+    def persistent_id(self, obj: object) -> Optional[tuple[Any, ...]]:
         if not isinstance(obj, torch.Tensor):
             return None
         if obj.device.type != "cpu" or obj.layout != torch.strided or obj.is_quantized:
@@ -367,7 +374,7 @@ class _Pickler(pickle.Pickler):
         if idx is None:
             src = _u8(st).numpy()
 
-            def fill(buf):
+            def fill(buf: memoryview) -> None:
                 # numpy's copy, not torch's: torch's parallel copy hangs in
                 # a child forked after the parent ran torch threads
                 np.frombuffer(buf, dtype=np.uint8)[:] = src
@@ -380,11 +387,11 @@ class _Pickler(pickle.Pickler):
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, storages):
+    def __init__(self, file: IO[bytes], storages: Sequence[torch.UntypedStorage]) -> None:
         super().__init__(file)
         self.storages = storages
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: object) -> torch.Tensor:
         if not (isinstance(pid, tuple) and len(pid) == 8 and pid[0] == "t"):
             raise pickle.UnpicklingError(f"bad tensor reference {pid!r}")
         _, idx, dtype, offset, shape, stride, requires_grad, is_param = pid
@@ -405,11 +412,11 @@ class _PutWriter:
     file-like checkpoint: nothing to recognise it by later); the mapping
     returned keeps it alive."""
 
-    def __init__(self, store):
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.buffers = []
+        self.buffers: list[memoryview] = []
 
-    def buffer(self, nbytes, fill):
+    def buffer(self, nbytes: int, fill: Callable[[memoryview], None]) -> int:
         tmp = bytearray(nbytes)
         fill(memoryview(tmp))
         ref = self.store.put(tmp)
@@ -418,8 +425,9 @@ class _PutWriter:
         return len(self.buffers) - 1
 
 
-def _read_checkpoint(path, kw):
-    def read(f, writer):
+def _read_checkpoint(path: str, kw: dict[str, Any]
+                     ) -> Callable[[io.FileIO, _weights.Writer], dict[str, object]]:
+    def read(f: io.FileIO, writer: _weights.Writer) -> dict[str, object]:
         # torch opens the file again: by /proc/self/fd, the very file we opened
         src = f"/proc/self/fd/{f.fileno()}"
         zipped = os.pread(f.fileno(), 4, 0) == b"PK\x03\x04"
@@ -442,7 +450,8 @@ def _read_checkpoint(path, kw):
     return read
 
 
-def load(f, store, *, verify="sample", **kw):
+def load(f: Union[PathArg, IO[bytes]], store: Union[Store, str], *, verify: str = "sample",
+         **kw: Any) -> Any:
     """Like ``torch.load(f, **kw)`` for a checkpoint (a state_dict, or any
     structure of tensors), with every CPU tensor backed by the store.
 
@@ -489,7 +498,7 @@ def load(f, store, *, verify="sample", **kw):
     return _Unpickler(io.BytesIO(meta["pickle"]), storages).load()
 
 
-def forget(path, store):
+def forget(path: Optional[StrPath], store: Union[Store, str]) -> int:
     """Delete what ``store`` holds of weight files loaded from ``path``
     (all versions; None: of every file).  Returns the number of keys
     deleted; processes that map them keep their memory until they let go."""
