@@ -361,9 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     _add = sub.add_parser
 
-    def add_parser(name, *, directory=True, **kw):
+    def add_parser(name: str, *, directory: bool = True, **kw: Any) -> argparse.ArgumentParser:
         return _add(name, parents=[with_dir] if directory else [], **kw)
-    sub.add_parser = add_parser
+    sub.add_parser = add_parser  # type: ignore[method-assign]
     d = sub.add_parser("demo", directory=False, help="worker processes put overlapping data; show what dedup saved")
     d.add_argument("--workers", type=int, default=4)
     d.add_argument("--mib", type=int, default=64, help="size of the data each worker shares")

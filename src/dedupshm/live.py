@@ -288,8 +288,8 @@ class _Keys:
         os.set_blocking(self._wake_w, False)
         self._old_winch: _Handler = None
 
-    def __enter__(self):
-        self._own_fd = None
+    def __enter__(self) -> _Keys:
+        self._own_fd: Optional[int] = None
         try:
             fd = _stdin_tty()
             if fd is None:
@@ -368,7 +368,7 @@ def _terminate(signum: int, frame: Optional[FrameType]) -> None:
     raise KeyboardInterrupt
 
 
-def _stdin_tty():
+def _stdin_tty() -> Optional[int]:
     try:
         fd = sys.stdin.fileno()
     except (OSError, ValueError, AttributeError):
@@ -376,7 +376,7 @@ def _stdin_tty():
     return fd if os.isatty(fd) else None
 
 
-def _interactive_sigint(out):
+def _interactive_sigint(out: IO[str]) -> _Handler:
     """Make Ctrl-C reach us if it was ignored but we run in the foreground
     of a terminal: a shell without job control (a script, ``sh -c``) starts
     background jobs with SIGINT ignored and stdin from /dev/null, and

@@ -52,14 +52,16 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.reduction import ForkingPickler
 from types import ModuleType
-from typing import (IO, TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, Optional,
-                    Union)
+from typing import (IO, TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, Mapping,
+                    NoReturn, Optional, Union, cast)
 
 import numpy as np
 
 from . import _attach
 
 if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
+
     from .store import ObjectRef, Store
 
 __all__ = ["Pool", "ProcessPoolExecutor", "Queue", "pack", "DEFAULT_MIN_NBYTES"]
@@ -252,7 +254,8 @@ class _Task:
 
     __slots__ = ("func", "name", "directory", "min_nbytes", "writable", "mode", "encoding_error")
 
-    def __init__(self, func, store, min_nbytes, writable, mode, encoding_error=False):
+    def __init__(self, func: Callable[..., Any], store: Store, min_nbytes: int, writable: bool,
+                 mode: str, encoding_error: bool = False) -> None:
         self.func = func
         self.name, self.directory = _store_id(store)
         self.min_nbytes = min_nbytes
@@ -260,11 +263,11 @@ class _Task:
         self.mode = mode               # "one": f(x), "star": f(*x), "apply": f(*a, **kw)
         self.encoding_error = encoding_error
 
-    def __getstate__(self):
+    def __getstate__(self) -> tuple[Any, ...]:
         return (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode,
                 self.encoding_error)
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
         (self.func, self.name, self.directory, self.min_nbytes, self.writable, self.mode,
          self.encoding_error) = state
 
@@ -288,7 +291,8 @@ class _Task:
             try:
                 packed = pack(result, store, self.min_nbytes)
             except Exception as e:  # noqa: BLE001 - reported as multiprocessing does
-                raise multiprocessing.pool.MaybeEncodingError(e, result) from None
+                # MaybeEncodingError is public in multiprocessing.pool, not in its stub
+                raise cast(Any, multiprocessing.pool).MaybeEncodingError(e, result) from None
         del result                          # before the message goes back
         return packed
 
@@ -342,23 +346,24 @@ class AsyncResult:
 class _FailedResult:
     """The result of a call whose arguments could not be pickled."""
 
-    def __init__(self, exc):
+    def __init__(self, exc: BaseException) -> None:
         self._exc = exc
 
-    def get(self, timeout=None):
+    def get(self, timeout: Optional[float] = None) -> NoReturn:
         raise self._exc
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: Optional[float] = None) -> None:
         pass
 
-    def ready(self):
+    def ready(self) -> bool:
         return True
 
-    def successful(self):
+    def successful(self) -> bool:
         return False
 
 
-def _failed(exc, error_callback):
+def _failed(exc: BaseException,
+            error_callback: Optional[Callable[[BaseException], object]]) -> _FailedResult:
     if error_callback is not None:
         error_callback(exc)
     return _FailedResult(exc)
@@ -396,23 +401,30 @@ class Pool(multiprocessing.pool.Pool):
     closed) is multiprocessing's.  A result that cannot be pickled raises
     :class:`multiprocessing.pool.MaybeEncodingError`, as there."""
 
-    def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
-                 context=None, *, store, min_nbytes=DEFAULT_MIN_NBYTES, writable=False):
+    def __init__(self, processes: Optional[int] = None,
+                 initializer: Optional[Callable[..., object]] = None, initargs: Iterable[Any] = (),
+                 maxtasksperchild: Optional[int] = None, context: Any = None, *, store: Store,
+                 min_nbytes: int = DEFAULT_MIN_NBYTES, writable: bool = False) -> None:
         self._state = multiprocessing.pool.INIT     # what __del__ reads if we raise here
         self._ds_store = _check_store(store)
         self._ds_min = _check_min(min_nbytes)
         self._ds_writable = bool(writable)
         super().__init__(processes, initializer, initargs, maxtasksperchild, context)
 
+    if TYPE_CHECKING:
+        # multiprocessing.pool.Pool's own (raises ValueError once the pool
+        # is not running); its stub leaves it out
+        def _check_running(self) -> None: ...
+
     @property
-    def store(self):
+    def store(self) -> Store:
         return self._ds_store
 
-    def _task(self, func, mode):
+    def _task(self, func: Callable[..., Any], mode: str) -> _Task:
         return _Task(func, self._ds_store, self._ds_min, self._ds_writable, mode,
                      encoding_error=True)
 
-    def _pack_all(self, iterable):
+    def _pack_all(self, iterable: Iterable[Any]) -> Union[list[_Packed], Exception]:
         """The packed messages, or the exception packing raised.  As in
         multiprocessing: a closed pool and an iterable that raises raise
         here; a value that cannot be pickled fails the call's result."""
@@ -426,7 +438,7 @@ class Pool(multiprocessing.pool.Pool):
         finally:
             p.close()
 
-    def _pack_lazily(self, iterable):
+    def _pack_lazily(self, iterable: Iterable[Any]) -> Generator[_Packed, None, None]:
         p = _Packer(self._ds_store, self._ds_min)
         try:
             for x in iterable:
@@ -436,7 +448,7 @@ class Pool(multiprocessing.pool.Pool):
 
     # -- blocking
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
-              kwds: dict[str, Any] = {}) -> Any:
+              kwds: Mapping[str, Any] = {}) -> Any:
         return self.apply_async(func, args, kwds).get()
 
     def map(self, func: Callable[..., Any], iterable: Iterable[Any],
@@ -465,20 +477,25 @@ class Pool(multiprocessing.pool.Pool):
             callback(v)
         return cb
 
-    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+    # the *_async methods return our results (unpacked values), not
+    # multiprocessing's result classes: the overrides differ from the stub there
+    def apply_async(  # type: ignore[override]
+            self, func: Callable[..., Any], args: Iterable[Any] = (),
+            kwds: Mapping[str, Any] = {}, callback: Optional[Callable[[Any], object]] = None,
+            error_callback: Optional[Callable[[BaseException], object]] = None
+            ) -> Union[AsyncResult, _FailedResult]:
         packed = self._pack_all([(tuple(args), dict(kwds))])
         if isinstance(packed, Exception):
             return _failed(packed, error_callback)
-        packed = packed[0]
-        r = super().apply_async(self._task(func, "apply"), (packed,), {},
+        r = super().apply_async(self._task(func, "apply"), (packed[0],), {},
                                 self._callbacks(callback, error_callback, False), error_callback)
         return AsyncResult(r, self._ds_writable, False)
 
-    def map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
-                  chunksize: Optional[int] = None,
+    def map_async(self, func: Callable[..., Any],  # type: ignore[override]
+                  iterable: Iterable[Any], chunksize: Optional[int] = None,
                   callback: Optional[Callable[[Any], object]] = None,
                   error_callback: Optional[Callable[[BaseException], object]] = None
-                  ) -> AsyncResult:
+                  ) -> Union[AsyncResult, _FailedResult]:
         packed = self._pack_all(iterable)
         if isinstance(packed, Exception):
             return _failed(packed, error_callback)
@@ -486,11 +503,11 @@ class Pool(multiprocessing.pool.Pool):
                               self._callbacks(callback, error_callback, True), error_callback)
         return AsyncResult(r, self._ds_writable, True)
 
-    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                      chunksize: Optional[int] = None,
+    def starmap_async(self, func: Callable[..., Any],  # type: ignore[override]
+                      iterable: Iterable[Iterable[Any]], chunksize: Optional[int] = None,
                       callback: Optional[Callable[[Any], object]] = None,
                       error_callback: Optional[Callable[[BaseException], object]] = None
-                      ) -> AsyncResult:
+                      ) -> Union[AsyncResult, _FailedResult]:
         packed = self._pack_all(iterable)
         if isinstance(packed, Exception):
             return _failed(packed, error_callback)
@@ -498,12 +515,14 @@ class Pool(multiprocessing.pool.Pool):
                               self._callbacks(callback, error_callback, True), error_callback)
         return AsyncResult(r, self._ds_writable, True)
 
-    def imap(self, func, iterable, chunksize=1):
+    def imap(self, func: Callable[..., Any],  # type: ignore[override]
+             iterable: Iterable[Any], chunksize: int = 1) -> _ResultIterator:
         self._check_running()
         it = super().imap(self._task(func, "one"), self._pack_lazily(iterable), chunksize)
         return _ResultIterator(it, self._ds_writable)
 
-    def imap_unordered(self, func, iterable, chunksize=1):
+    def imap_unordered(self, func: Callable[..., Any],  # type: ignore[override]
+                       iterable: Iterable[Any], chunksize: int = 1) -> _ResultIterator:
         self._check_running()
         it = super().imap_unordered(self._task(func, "one"), self._pack_lazily(iterable),
                                     chunksize)
@@ -524,10 +543,10 @@ class _Future(cf.Future[Any]):
     def cancel(self) -> bool:
         return self._inner.cancel()
 
-    def running(self):
+    def running(self) -> bool:
         return not self.done() and self._inner.running()
 
-    def _copy(self, f):
+    def _copy(self, f: cf.Future[Any]) -> None:
         if f.cancelled():
             super().cancel()
             return
@@ -562,8 +581,12 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor):
     future alone with the error (the standard executor breaks the whole
     pool: BrokenProcessPool)."""
 
-    def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
-                 store, min_nbytes=DEFAULT_MIN_NBYTES, writable=False, **kw):
+    def __init__(self, max_workers: Optional[int] = None,
+                 mp_context: Optional[BaseContext] = None,
+                 initializer: Optional[Callable[..., object]] = None,
+                 initargs: tuple[Any, ...] = (), *, store: Store,
+                 min_nbytes: int = DEFAULT_MIN_NBYTES, writable: bool = False,
+                 **kw: Any) -> None:
         self._ds_store = _check_store(store)
         self._ds_min = _check_min(min_nbytes)
         self._ds_writable = bool(writable)
@@ -571,10 +594,10 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor):
         super().__init__(max_workers, mp_context, initializer, initargs, **kw)
 
     @property
-    def store(self):
+    def store(self) -> Store:
         return self._ds_store
 
-    def submit(self, fn, /, *args, **kwargs):
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         # refuse before anything goes into the store (the standard checks)
         if self._broken:
             raise BrokenProcessPool(self._broken)
@@ -587,7 +610,7 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor):
             else:
                 packed = pack((args, kwargs), self._ds_store, self._ds_min)
         except Exception as e:  # noqa: BLE001 - the standard executor fails the future
-            failed = cf.Future()
+            failed: cf.Future[Any] = cf.Future()
             failed.set_exception(e)
             return failed
         task = _Task(fn, self._ds_store, self._ds_min, self._ds_writable, "apply")
@@ -595,7 +618,7 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor):
 
     submit.__doc__ = cf.Executor.submit.__doc__
 
-    def map(self, fn, *iterables, **kw):
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kw: Any) -> Iterator[Any]:
         # the standard map (chunks, timeout) submits every chunk now,
         # through submit() above: one packer for the whole call
         local = self._ds_local
