@@ -381,8 +381,16 @@ static int put_optimistic(put_job *j, uint32_t c, uint32_t m, uint32_t *shared, 
         uint32_t other = DS_NIL;
         if (zero[i] || same[i] != NOSAME ||
             (other = ds_page_find(s, fps[i], j->src[c + i].p)) != DS_NIL) {
-            ds_page_decref(s, fresh[i]);     /* stays warm: its bytes are never read */
-            if (other != DS_NIL) ds_page_incref(s, other);
+            /* ours is not needed: a zero page or an in-piece repeat stays
+             * warm for the next put; a page another put published meanwhile
+             * (concurrent puts of the same value) goes back to the OS, as
+             * the usual path's publish race does */
+            if (other != DS_NIL) {
+                ds_page_incref(s, other);
+                ds_page_decref_cold(s, fresh[i]);
+            } else {
+                ds_page_decref(s, fresh[i]);
+            }
             pd->pages[c + i] = j->pages[c + i] = other != DS_NIL ? other : DS_ZERO;
             n++;
         } else {
