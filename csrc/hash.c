@@ -165,7 +165,9 @@ static int cpu_has_avx2(void) {
 #endif
 
 static stripes_fn g_stripes = stripes_scalar;
+#if DS_HAVE_AVX2
 static int g_fused;                      /* stripes_copy_avx2 is there */
+#endif
 static const char *g_impl = "scalar";
 static pthread_once_t g_kernel_once = PTHREAD_ONCE_INIT;
 
