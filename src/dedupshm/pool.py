@@ -496,22 +496,24 @@ class Pool(multiprocessing.pool.Pool):
                   callback: Optional[Callable[[Any], object]] = None,
                   error_callback: Optional[Callable[[BaseException], object]] = None
                   ) -> Union[AsyncResult, _FailedResult]:
-        packed = self._pack_all(iterable)
-        if isinstance(packed, Exception):
-            return _failed(packed, error_callback)
-        r = super().map_async(self._task(func, "one"), packed, chunksize,
-                              self._callbacks(callback, error_callback, True), error_callback)
-        return AsyncResult(r, self._ds_writable, True)
+        return self._store_map_async(func, "one", iterable, chunksize, callback, error_callback)
 
     def starmap_async(self, func: Callable[..., Any],  # type: ignore[override]
                       iterable: Iterable[Iterable[Any]], chunksize: Optional[int] = None,
                       callback: Optional[Callable[[Any], object]] = None,
                       error_callback: Optional[Callable[[BaseException], object]] = None
                       ) -> Union[AsyncResult, _FailedResult]:
+        return self._store_map_async(func, "star", iterable, chunksize, callback, error_callback)
+
+    def _store_map_async(self, func: Callable[..., Any], mode: str, iterable: Iterable[Any],
+                   chunksize: Optional[int],
+                   callback: Optional[Callable[[Any], object]],
+                   error_callback: Optional[Callable[[BaseException], object]]
+                   ) -> Union[AsyncResult, _FailedResult]:
         packed = self._pack_all(iterable)
         if isinstance(packed, Exception):
             return _failed(packed, error_callback)
-        r = super().map_async(self._task(func, "star"), packed, chunksize,
+        r = super().map_async(self._task(func, mode), packed, chunksize,
                               self._callbacks(callback, error_callback, True), error_callback)
         return AsyncResult(r, self._ds_writable, True)
 

@@ -5,7 +5,7 @@ import contextlib
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from . import _attach, _decay, serialize
 from ._native import MAX_KEY, Core
@@ -102,6 +102,16 @@ def _core_for(name: str, directory: Optional[str], create: bool, capacity: int,
               warm_bytes: int, transit_ttl: int) -> Core:
     index, pool = store_paths(name, directory)
     return _attach.core(index, pool, create, capacity, warm_bytes, transit_ttl)
+
+
+def _put_retrying(core: Any, put: Callable[..., None], *args: Any) -> None:
+    """put(*args); on StoreFullError run gc (dead processes may hold
+    space) and try once more."""
+    try:
+        put(*args)
+    except StoreFullError:
+        core.gc()
+        put(*args)
 
 
 class ObjectRef:
@@ -339,11 +349,7 @@ class Store:
         desc, bufs = serialize.encode(value)
         self._maybe_gc()
         ref = ObjectRef(core, core.new_ref())     # owns the reference from the start
-        try:
-            core.put(kb, desc, bufs, not dedup, ref._cell)
-        except StoreFullError:
-            core.gc()                       # dead processes may hold space
-            core.put(kb, desc, bufs, not dedup, ref._cell)
+        _put_retrying(core, core.put, kb, desc, bufs, not dedup, ref._cell)
         return ref
 
     def _own_ref(self, core: Core, ref: ObjectRef) -> tuple[int, int]:
@@ -456,11 +462,7 @@ class Store:
         if len(bufs) != 1:
             self.put(value, key=key)
             return
-        try:
-            core.put_key(kb, desc, bufs[0])
-        except StoreFullError:
-            core.gc()                       # dead processes may hold space
-            core.put_key(kb, desc, bufs[0])
+        _put_retrying(core, core.put_key, kb, desc, bufs[0])
 
     def __getitem__(self, key: Union[ObjectRef, Key]) -> Any:
         return self.get(key)
